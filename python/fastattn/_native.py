@@ -1,0 +1,50 @@
+"""The compiled extension and the runtime settings every kernel call carries.
+
+Kernels run on a rayon pool sized, per call, like torch's intra-op pool
+(``torch.get_num_threads()``) unless ``FASTATTN_NUM_THREADS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _fastattn as lib
+
+__all__ = ["lib", "num_threads", "simd_level", "simd_levels", "set_simd_level"]
+
+
+def num_threads() -> int:
+    """Threads the next kernel call will use."""
+    env = os.environ.get("FASTATTN_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FASTATTN_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"FASTATTN_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except ImportError:  # pragma: no cover - torch is a dependency, but numpy users may lack it
+        return max(1, os.cpu_count() or 1)
+
+
+def simd_level() -> str:
+    """The SIMD level kernels dispatch to now: 'scalar', 'avx2', 'avx512' or 'neon'."""
+    return lib.simd_level()
+
+
+def simd_levels() -> list[str]:
+    """Every SIMD level this CPU can run, lowest first."""
+    return list(lib.simd_levels())
+
+
+def set_simd_level(level: str | None = None) -> str:
+    """Caps kernel dispatch at ``level`` (None: the best available). Also settable with the
+    ``FASTATTN_SIMD`` environment variable before the first kernel call."""
+    if level is not None and not isinstance(level, str):
+        raise TypeError(f"level must be a str or None, got {type(level).__name__}")
+    return lib.set_simd_level(level)

@@ -1,0 +1,17 @@
+//! Thin PyO3 bindings. Each function converts raw buffers handed over by the Python layer
+//! (which has already validated shapes, dtypes and devices), releases the GIL, runs the
+//! kernel on fastattn's sized rayon pool, and turns kernel errors and panics into Python
+//! exceptions. No kernel logic lives here.
+
+mod attention;
+mod buffers;
+mod runtime;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    runtime::register(m)?;
+    attention::register(m)?;
+    Ok(())
+}

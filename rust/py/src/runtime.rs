@@ -1,0 +1,88 @@
+//! The thread pool and SIMD level every kernel call runs under, and the GIL/panic guard.
+
+use fastattn_kernels::simd::{self, Level};
+use fastattn_kernels::KernelError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+static POOL: Mutex<Option<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+
+/// The pool with `threads` workers, rebuilt only when the requested size changes (Python
+/// asks for torch's intra-op thread count, or FASTATTN_NUM_THREADS, on every call).
+fn pool(threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
+    let threads = threads.max(1);
+    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((n, p)) = guard.as_ref() {
+        if *n == threads {
+            return Ok(p.clone());
+        }
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("fastattn-{i}"))
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot build thread pool: {e}")))?;
+    let p = Arc::new(p);
+    *guard = Some((threads, p.clone()));
+    Ok(p)
+}
+
+/// Runs a kernel without the GIL on a pool of `threads`, mapping kernel errors to
+/// ValueError and any panic to RuntimeError so nothing aborts the interpreter.
+pub fn run<F>(py: Python<'_>, threads: usize, f: F) -> PyResult<()>
+where
+    F: FnOnce() -> Result<(), KernelError> + Send,
+{
+    let p = pool(threads)?;
+    let result = py.detach(|| catch_unwind(AssertUnwindSafe(|| p.install(f))));
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(PyValueError::new_err(e.to_string())),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!(
+                "fastattn kernel failed internally (please report): {msg}"
+            )))
+        }
+    }
+}
+
+#[pyfunction]
+fn simd_level() -> &'static str {
+    simd::active().name()
+}
+
+#[pyfunction]
+fn simd_levels() -> Vec<&'static str> {
+    simd::available().into_iter().map(Level::name).collect()
+}
+
+/// Forces the SIMD level (`None`: the best this CPU has). Returns the level now active.
+#[pyfunction]
+#[pyo3(signature = (level=None))]
+fn set_simd_level(level: Option<&str>) -> PyResult<&'static str> {
+    let parsed = match level {
+        None => None,
+        Some(s) => Some(Level::parse(s).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "unknown SIMD level `{s}` (expected scalar, avx2, avx512 or neon)"
+            ))
+        })?),
+    };
+    simd::force(parsed)
+        .map(Level::name)
+        .map_err(PyValueError::new_err)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
+    Ok(())
+}
