@@ -80,7 +80,23 @@ fn set_simd_level(level: Option<&str>) -> PyResult<&'static str> {
         .map_err(PyValueError::new_err)
 }
 
+/// Panics inside the guarded kernel runner, on a pool thread: lets the tests check that a
+/// Rust panic reaches Python as an exception instead of aborting the interpreter.
+#[pyfunction]
+fn _panic_in_kernel_for_tests(py: Python<'_>, threads: usize) -> PyResult<()> {
+    use rayon::prelude::*;
+    run(py, threads, || {
+        (0..4usize).into_par_iter().for_each(|i| {
+            if i == 3 {
+                panic!("deliberate test panic");
+            }
+        });
+        Ok(())
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_panic_in_kernel_for_tests, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
