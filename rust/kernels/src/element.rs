@@ -4,6 +4,7 @@
 //! convert to the accumulation type while packing tiles, so the hot loops only ever see
 //! `Acc`.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// Accumulation type: f32 or f64.
@@ -21,6 +22,10 @@ pub trait Acc:
     + std::ops::AddAssign
     + std::ops::MulAssign
     + std::ops::Neg<Output = Self>
+    + Default
+    + crate::gemm::GemmElem
+    + crate::simd::math::VecMath
+    + crate::buffer_pool::Poolable
 {
     const ZERO: Self;
     const ONE: Self;
@@ -74,10 +79,51 @@ pub trait Element: Copy + Send + Sync + 'static {
     type Acc: Acc;
     fn to_acc(self) -> Self::Acc;
     fn from_acc(a: Self::Acc) -> Self;
+    /// `dst[i] = src[i].to_acc()` over `min(len)` elements. Kernels convert whole rows
+    /// through this so half types can use vector conversions (F16C) instead of one call
+    /// per element.
+    #[inline]
+    fn to_acc_slice(src: &[Self], dst: &mut [Self::Acc]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s.to_acc();
+        }
+    }
+    /// The slice itself when the storage type already is the accumulation type (f32, f64),
+    /// letting kernels read operands in place instead of converting a copy.
+    #[inline]
+    fn as_acc_slice(_s: &[Self]) -> Option<&[Self::Acc]> {
+        None
+    }
+    /// `dst[i] = from_acc(src[i])` over `min(len)` elements.
+    #[inline]
+    fn from_acc_slice(src: &[Self::Acc], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::from_acc(s);
+        }
+    }
+}
+
+macro_rules! half_slices {
+    () => {
+        #[inline]
+        fn to_acc_slice(src: &[Self], dst: &mut [f32]) {
+            let n = src.len().min(dst.len());
+            src[..n].convert_to_f32_slice(&mut dst[..n]);
+        }
+        #[inline]
+        fn from_acc_slice(src: &[f32], dst: &mut [Self]) {
+            let n = src.len().min(dst.len());
+            dst[..n].convert_from_f32_slice(&src[..n]);
+        }
+    };
 }
 
 impl Element for f32 {
     type Acc = f32;
+    #[inline]
+    fn as_acc_slice(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
     #[inline(always)]
     fn to_acc(self) -> f32 {
         self
@@ -90,6 +136,10 @@ impl Element for f32 {
 
 impl Element for f64 {
     type Acc = f64;
+    #[inline]
+    fn as_acc_slice(s: &[f64]) -> Option<&[f64]> {
+        Some(s)
+    }
     #[inline(always)]
     fn to_acc(self) -> f64 {
         self
@@ -110,6 +160,7 @@ impl Element for bf16 {
     fn from_acc(a: f32) -> Self {
         bf16::from_f32(a)
     }
+    half_slices!();
 }
 
 impl Element for f16 {
@@ -122,4 +173,5 @@ impl Element for f16 {
     fn from_acc(a: f32) -> Self {
         f16::from_f32(a)
     }
+    half_slices!();
 }

@@ -1,8 +1,143 @@
-//! Dense softmax attention (flash-style), forward and backward. CONTRACT STUB:
-//! the signatures below are what the bindings call; the bodies are filled in by the kernel work.
+//! Dense softmax attention (flash-style), forward and backward.
+//!
+//! Tiled like FlashAttention-2 on the CPU: per head, K and V are packed once into GEMM
+//! panels; each query tile computes `S = Q·Kᵀ` one key tile at a time into an L1/L2-sized
+//! buffer, exponentiates it in place with an online (running max/sum) softmax and
+//! accumulates `P·V`. No `T × T` matrix is ever stored; the backward pass recomputes `P`
+//! from the saved log-sum-exp. Scores live in base 2 (`scale·log2 e` is folded into Q).
+
+mod backward;
+mod forward;
+mod forward_few;
 
 use crate::element::Element;
-use crate::error::KernelError;
+use crate::error::{check_len, KernelError};
+
+// Tile sizes. Query tiles are multiples of every micro-kernel's MR so tiles stay full; key
+// tiles are multiples of `gemm::NR` so they start on panel boundaries.
+/// Forward keys per tile.
+const FWD_BK: usize = 256;
+/// Forward query rows per tile: taller tiles stream K/V less often, which pays once a
+/// head's K/V outgrow L2; shorter ones waste less on causal diagonal tiles.
+fn fwd_bq(q_len: usize) -> usize {
+    if q_len >= 4096 {
+        128
+    } else {
+        64
+    }
+}
+/// Backward query rows per tile.
+const BWD_BQ: usize = 128;
+/// Backward keys per tile.
+const BWD_BK: usize = 128;
+
+/// A raw pointer tasks write disjoint elements through (heads-last layouts interleave the
+/// rows of different tasks, so the output cannot be split into slices).
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: every user writes only the elements of its own task (see the call sites).
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+impl<T> SharedMut<T> {
+    #[inline(always)]
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// Writes `scale · src` as storage elements at `dst[offset..offset + src.len()]`, converting
+/// the whole row at once (`tmp` is reused scratch).
+///
+/// # Safety
+/// That range of `dst` must be valid and written by no one else meanwhile.
+unsafe fn store_row<E: Element>(
+    dst: SharedMut<E>,
+    offset: usize,
+    src: &[E::Acc],
+    scale: E::Acc,
+    tmp: &mut Vec<E::Acc>,
+) {
+    let out = std::slice::from_raw_parts_mut(dst.get().add(offset), src.len());
+    if scale == <E::Acc as crate::element::Acc>::ONE {
+        E::from_acc_slice(src, out);
+    } else {
+        tmp.clear();
+        tmp.extend(src.iter().map(|&x| x * scale));
+        E::from_acc_slice(tmp, out);
+    }
+}
+
+/// Which keys query `i` sees: keys `j` with `j < limit(i)`.
+#[derive(Clone, Copy)]
+struct Visibility {
+    causal: bool,
+    /// `kv_len - q_len`: causal aligns queries to the end of the keys.
+    offset: isize,
+    kv_len: usize,
+}
+
+impl Visibility {
+    fn new(dims: &AttnDims, causal: bool) -> Self {
+        Visibility {
+            causal,
+            offset: dims.kv_len as isize - dims.q_len as isize,
+            kv_len: dims.kv_len,
+        }
+    }
+    /// Number of leading keys query `i` attends to.
+    #[inline]
+    fn limit(&self, i: usize) -> usize {
+        if self.causal {
+            (i as isize + self.offset + 1).clamp(0, self.kv_len as isize) as usize
+        } else {
+            self.kv_len
+        }
+    }
+    /// First query that sees key `j`.
+    #[inline]
+    fn first_query(&self, j: usize) -> usize {
+        if self.causal {
+            (j as isize - self.offset).max(0) as usize
+        } else {
+            0
+        }
+    }
+}
+
+fn mul(name: &'static str, xs: &[usize]) -> Result<usize, KernelError> {
+    xs.iter()
+        .try_fold(1usize, |a, &x| a.checked_mul(x))
+        .ok_or_else(|| KernelError::Argument(format!("`{name}` size overflows usize")))
+}
+
+/// Checks the head grouping (lengths are checked by the callers).
+fn validate(dims: &AttnDims) -> Result<(), KernelError> {
+    if dims.q_heads > 0 && (dims.kv_heads == 0 || !dims.q_heads.is_multiple_of(dims.kv_heads)) {
+        return Err(KernelError::Argument(format!(
+            "q_heads ({}) must be a multiple of kv_heads ({})",
+            dims.q_heads, dims.kv_heads
+        )));
+    }
+    Ok(())
+}
+
+struct Lens {
+    q: usize,
+    kv: usize,
+    v: usize,
+    o: usize,
+    lse: usize,
+}
+
+fn lens(d: &AttnDims) -> Result<Lens, KernelError> {
+    Ok(Lens {
+        q: mul("q", &[d.batch, d.q_len, d.q_heads, d.head_dim])?,
+        kv: mul("k", &[d.batch, d.kv_len, d.kv_heads, d.head_dim])?,
+        v: mul("v", &[d.batch, d.kv_len, d.kv_heads, d.v_head_dim])?,
+        o: mul("out", &[d.batch, d.q_len, d.q_heads, d.v_head_dim])?,
+        lse: mul("lse", &[d.batch, d.q_len, d.q_heads])?,
+    })
+}
 
 /// Shapes of one dense attention call. Every buffer is contiguous heads-last:
 /// q `[batch, q_len, q_heads, head_dim]`, k `[batch, kv_len, kv_heads, head_dim]`,
@@ -19,7 +154,8 @@ pub struct AttnDims {
     pub v_head_dim: usize,
 }
 
-/// Forward. `causal` aligns queries to the end of the keys (flash-attn): query `i` sees key
+#[allow(clippy::too_many_arguments)]
+/// Forward: writes `out` and the natural-log `lse`. `causal` aligns queries to the end of the keys (flash-attn): query `i` sees key
 /// `j` iff `j <= i + kv_len - q_len`. A query that sees no key gets output 0 and lse -inf.
 pub fn forward<E: Element>(
     dims: &AttnDims,
@@ -31,8 +167,23 @@ pub fn forward<E: Element>(
     out: &mut [E],
     lse: &mut [E::Acc],
 ) -> Result<(), KernelError> {
-    let _ = (dims, scale, causal, q, k, v, out, lse);
-    Err(KernelError::Argument("attention kernel not built yet".into()))
+    validate(dims)?;
+    let n = lens(dims)?;
+    check_len("q", q, n.q)?;
+    check_len("k", k, n.kv)?;
+    check_len("v", v, n.v)?;
+    check_len("out", out, n.o)?;
+    check_len("lse", lse, n.lse)?;
+    if n.lse == 0 {
+        return Ok(());
+    }
+    match (E::as_acc_slice(k), E::as_acc_slice(v)) {
+        (Some(k), Some(v)) if forward_few::applies(dims) => {
+            forward_few::run(dims, scale, causal, q, k, v, out, lse)
+        }
+        _ => forward::run(dims, scale, causal, q, k, v, out, lse),
+    }
+    Ok(())
 }
 
 /// Backward from the saved `out` and `lse`. Writes (overwrites) dq, dk, dv.
@@ -51,6 +202,24 @@ pub fn backward<E: Element>(
     dk: &mut [E],
     dv: &mut [E],
 ) -> Result<(), KernelError> {
-    let _ = (dims, scale, causal, q, k, v, out, dout, lse, dq, dk, dv);
-    Err(KernelError::Argument("attention kernel not built yet".into()))
+    validate(dims)?;
+    let n = lens(dims)?;
+    check_len("q", q, n.q)?;
+    check_len("k", k, n.kv)?;
+    check_len("v", v, n.v)?;
+    check_len("out", out, n.o)?;
+    check_len("dout", dout, n.o)?;
+    check_len("lse", lse, n.lse)?;
+    check_len("dq", dq, n.q)?;
+    check_len("dk", dk, n.kv)?;
+    check_len("dv", dv, n.v)?;
+    let zero = E::from_acc(<E::Acc as crate::element::Acc>::ZERO);
+    if n.lse == 0 || dims.kv_len == 0 {
+        dq.fill(zero);
+        dk.fill(zero);
+        dv.fill(zero);
+        return Ok(());
+    }
+    backward::run(dims, scale, causal, q, k, v, out, dout, lse, dq, dk, dv);
+    Ok(())
 }

@@ -5,6 +5,8 @@
 //! The cap comes from `force()` or, on first use, from the `FASTATTN_SIMD` environment
 //! variable (`scalar`, `avx2`, `avx512`, `neon`).
 
+pub mod math;
+
 use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -72,6 +74,23 @@ pub fn available() -> Vec<Level> {
     out
 }
 
+/// Whether this CPU can run `level`'s code. Cheap (cached feature bits), so safe entry
+/// points that take a level re-check it instead of trusting the caller.
+#[inline]
+pub fn supported(level: Level) -> bool {
+    match level {
+        Level::Scalar => true,
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => is_x86_feature_detected!("avx512f"),
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
 /// The best level this CPU supports.
 pub fn detected() -> Level {
     *available().last().expect("scalar is always available")
@@ -94,8 +113,11 @@ pub fn active() -> Level {
         },
         Err(_) => detected(),
     };
-    ACTIVE.store(level as u8, Ordering::Relaxed);
-    level
+    // Only fill an unset level: a `force` that raced with this first read must win.
+    match ACTIVE.compare_exchange(0, level as u8, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => level,
+        Err(current) => Level::from_u8(current).unwrap_or(level),
+    }
 }
 
 /// Forces kernels to dispatch to `level` (`None`: the best detected level).

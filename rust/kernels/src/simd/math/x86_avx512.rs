@@ -1,0 +1,151 @@
+//! AVX-512F row kernels. Tails use masked loads/stores instead of a scalar loop.
+
+use super::EXP2_POLY;
+use std::arch::x86_64::*;
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn tail_mask(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
+}
+
+/// `2^x` by `x = n + f`, `|f| ≤ 1/2`: polynomial for `2^f`, then `scalef` by `n`, which
+/// handles under/overflow (and keeps NaN) without integer exponent tricks, so only the
+/// lower clamp (keeping `-inf − -inf` out of `f`) is needed.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp2v(x: __m512) -> __m512 {
+    // maxps returns its second operand when either is NaN, so NaN survives the clamp.
+    let x = _mm512_max_ps(_mm512_set1_ps(-151.0), x);
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+    let f = _mm512_sub_ps(x, n);
+    let mut p = _mm512_set1_ps(EXP2_POLY[5]);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[4]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[3]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[2]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[1]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[0]));
+    _mm512_scalef_ps(p, n)
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp2_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    let mv = _mm512_set1_ps(m);
+    let mut acc0 = _mm512_setzero_ps();
+    let mut acc1 = _mm512_setzero_ps();
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i + 32 <= n {
+        let e0 = exp2v(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+        let e1 = exp2v(_mm512_sub_ps(_mm512_loadu_ps(p.add(i + 16)), mv));
+        _mm512_storeu_ps(p.add(i), e0);
+        _mm512_storeu_ps(p.add(i + 16), e1);
+        acc0 = _mm512_add_ps(acc0, e0);
+        acc1 = _mm512_add_ps(acc1, e1);
+        i += 32;
+    }
+    while i < n {
+        let k = tail_mask((n - i).min(16));
+        let e = exp2v(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
+        _mm512_mask_storeu_ps(p.add(i), k, e);
+        acc0 = _mm512_mask_add_ps(acc0, k, acc0, e);
+        i += 16;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp2_sub_vec(x: &mut [f32], m: &[f32]) {
+    let n = x.len();
+    let (p, mp) = (x.as_mut_ptr(), m.as_ptr());
+    let mut i = 0;
+    while i < n {
+        let k = tail_mask((n - i).min(16));
+        let v = _mm512_sub_ps(
+            _mm512_maskz_loadu_ps(k, p.add(i)),
+            _mm512_maskz_loadu_ps(k, mp.add(i)),
+        );
+        _mm512_mask_storeu_ps(p.add(i), k, exp2v(v));
+        i += 16;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn dot_rows(a: &[f32], rs: usize, x: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = a.as_ptr().add(j * rs);
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let k = tail_mask((n - i).min(16));
+            let u = _mm512_maskz_loadu_ps(k, row.add(i));
+            acc = _mm512_fmadd_ps(u, _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)), acc);
+            i += 16;
+        }
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn axpy_rows(y: &mut [f32], p: &[f32], a: &[f32], rs: usize) {
+    let n = y.len();
+    let mut i = 0;
+    // One 16-lane strip of y stays in a register while every row adds into it.
+    while i < n {
+        let k = tail_mask((n - i).min(16));
+        let mut acc = _mm512_maskz_loadu_ps(k, y.as_ptr().add(i));
+        for (j, &pj) in p.iter().enumerate() {
+            let u = _mm512_maskz_loadu_ps(k, a.as_ptr().add(j * rs + i));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(pj), u, acc);
+        }
+        _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, acc);
+        i += 16;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn max(x: &[f32]) -> f32 {
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut acc = ninf;
+    let n = x.len();
+    let p = x.as_ptr();
+    let mut i = 0;
+    while i < n {
+        let k = tail_mask((n - i).min(16));
+        acc = _mm512_max_ps(acc, _mm512_mask_loadu_ps(ninf, k, p.add(i)));
+        i += 16;
+    }
+    _mm512_reduce_max_ps(acc)
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn scale(x: &mut [f32], a: f32) {
+    let av = _mm512_set1_ps(a);
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i < n {
+        let k = tail_mask((n - i).min(16));
+        let v = _mm512_maskz_loadu_ps(k, p.add(i));
+        _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(v, av));
+        i += 16;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn mul_sub(ds: &mut [f32], pr: &[f32], delta: f32) {
+    let dv = _mm512_set1_ps(delta);
+    let n = ds.len();
+    let d = ds.as_mut_ptr();
+    let p = pr.as_ptr();
+    let mut i = 0;
+    while i < n {
+        let k = tail_mask((n - i).min(16));
+        let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, d.add(i)), dv);
+        let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), x);
+        _mm512_mask_storeu_ps(d.add(i), k, y);
+        i += 16;
+    }
+}
