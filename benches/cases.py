@@ -69,6 +69,132 @@ def attention_cases(ts=(512, 2048, 8192), b=1, h=8, d=64, dtype=torch.float32) -
     return cases
 
 
+# --- linear attention and flow attention --------------------------------------------------
+
+LF_CHUNK = 64  # fastattn's chunk size (for the FLOP count of the chunked algorithm)
+
+
+def _plain_linear(q, k, v):
+    """Plain PyTorch causal linear attention (fla semantics, normalize=True): the oracle from
+    ``fastattn.reference`` when present, else the same cumulative-sum formula inline."""
+    try:
+        from fastattn.reference.linear import linear_attention as ref
+    except ImportError:
+        ref = None
+    if ref is not None:
+        return ref(q, k, v)[0]
+    s = k.shape[-1] ** -0.5
+    kv = torch.einsum("bthk,bthv->bthkv", k, v).cumsum(1)
+    o = torch.einsum("bthk,bthkv->bthv", q * s, kv)
+    return o / ((q * s * k.cumsum(1)).sum(-1, keepdim=True) + 1e-10)
+
+
+def _plain_flow(q, k, v, causal):
+    try:
+        from fastattn.reference.flow import flow_attention as ref
+    except ImportError:
+        ref = None
+    if ref is not None:
+        return ref(q, k, v, causal=causal)
+    eps = 1e-6
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    q, k = torch.sigmoid(q), torch.sigmoid(k)
+    n, m = q.shape[2], k.shape[2]
+    if not causal:
+        inc = 1.0 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(2) + eps)
+        out_ = 1.0 / torch.einsum("bhld,bhd->bhl", k + eps, q.sum(2) + eps)
+        sink = torch.einsum("bhld,bhd->bhl", q + eps, (k * out_[..., None]).sum(2) + eps)
+        src = torch.einsum("bhld,bhd->bhl", k + eps, (q * inc[..., None]).sum(2) + eps).clamp(-1, 1)
+        kv = torch.einsum("bhld,bhlm->bhdm", k, v * (torch.softmax(src, -1) * m)[..., None])
+        x = torch.einsum("bhld,bhdm->bhlm", q * inc[..., None], kv) * torch.sigmoid(sink * (n / m))[..., None]
+    else:
+        t = torch.arange(1, n + 1, dtype=q.dtype)[None, None, :]
+        inc = 1.0 / torch.einsum("bhld,bhld->bhl", q + eps, k.cumsum(2) + eps)
+        out_ = 1.0 / torch.einsum("bhld,bhld->bhl", k + eps, q.cumsum(2) + eps)
+        sink = torch.einsum("bhld,bhld->bhl", q + eps, (k * (out_ * t)[..., None]).cumsum(2) + eps) / t
+        src = (torch.einsum("bhld,bhld->bhl", k + eps, (q * (inc * t)[..., None]).cumsum(2) + eps) / t).clamp(-1, 1)
+        e = torch.exp(src)
+        kv = torch.einsum("bhld,bhlm->bhldm", k, v * (e / e.cumsum(-1) * t)[..., None]).cumsum(2)
+        x = torch.einsum("bhld,bhldm->bhlm", q * inc[..., None], kv) * torch.sigmoid(sink)[..., None]
+    return x.transpose(1, 2)
+
+
+# Peers skipped where they would take minutes or tens of GB: the plain PyTorch causal forms
+# materialise a [B, T, H, D, Dv] cumulative sum (2 GiB forward at T=16384, several times that
+# with autograd), and fla's naive recurrence keeps a [B, H, K, V] state per step for its
+# backward (2 GiB at T=16384).
+_PLAIN_CAUSAL_MAX_T = 4096
+_NAIVE_BWD_MAX_T = 4096
+
+
+def linear_cases(ts=(1024, 4096, 16384), b=1, h=8, d=64, dtype=torch.float32) -> list[Case]:
+    """Causal linear attention (fla defaults: normalize=True, scale D**-0.5), vs fla's naive
+    recurrence, the plain PyTorch formula and causal SDPA (the quadratic baseline)."""
+    try:
+        from fla.ops.linear_attn.naive import naive_recurrent_linear_attn as naive
+    except ImportError:  # pragma: no cover
+        naive = None
+    cases = []
+    for t in ts:
+        q, k, v = (torch.rand(b, t, h, d, dtype=dtype) for _ in range(3))
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+        def ours(q, k, v):
+            return fastattn.linear_attention(q, k, v)[0]
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        # recurrent form 4·T·D·Dv plus the causal halves of the intra-chunk blocks
+        flops = b * h * t * (4 * d * d + LF_CHUNK * 2 * d)
+        case = Case("linear", f"B{b} H{h} T{t} D{d} causal", flops, 2.5)
+        case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v: ours(q, k, v), _grad_of(ours, (q, k, v)))
+        if naive is not None:
+            def fla_naive(q, k, v):
+                return naive(q, k, v, normalize=True)[0]
+
+            case.impls["fla_naive"] = Impl(
+                lambda q=q, k=k, v=v: fla_naive(q, k, v),
+                _grad_of(fla_naive, (q, k, v)) if t <= _NAIVE_BWD_MAX_T else None,
+            )
+        if t <= _PLAIN_CAUSAL_MAX_T:
+            case.impls["torch_plain"] = Impl(lambda q=q, k=k, v=v: _plain_linear(q, k, v),
+                                             _grad_of(_plain_linear, (q, k, v)))
+        case.impls["torch_sdpa_causal"] = Impl(lambda q=qh, k=kh, v=vh: sdpa(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+        cases.append(case)
+    return cases
+
+
+def flow_cases(ts=(1024, 4096, 16384), b=1, h=8, d=64, dtype=torch.float32) -> list[Case]:
+    """Flow-Attention, non-causal and causal, vs the plain PyTorch implementation (Flowformer's
+    math) and SDPA (the quadratic baseline)."""
+    cases = []
+    for t in ts:
+        for causal in (False, True):
+            q, k, v = (torch.randn(b, t, h, d, dtype=dtype) for _ in range(3))
+            qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+            def ours(q, k, v, causal=causal):
+                return fastattn.flow_attention(q, k, v, causal=causal)
+
+            def plain(q, k, v, causal=causal):
+                return _plain_flow(q, k, v, causal)
+
+            def sdpa(q, k, v, causal=causal):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            flops = b * h * t * (4 * d * d + (LF_CHUNK * 2 * d if causal else 0))
+            case = Case("flow", f"B{b} H{h} T{t} D{d}{' causal' if causal else ''}", flops, 2.5)
+            case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v, f=ours: f(q, k, v), _grad_of(ours, (q, k, v)))
+            if not causal or t <= _PLAIN_CAUSAL_MAX_T:
+                case.impls["torch_plain"] = Impl(lambda q=q, k=k, v=v, f=plain: f(q, k, v), _grad_of(plain, (q, k, v)))
+            case.impls["torch_sdpa"] = Impl(lambda q=qh, k=kh, v=vh, f=sdpa: f(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+            cases.append(case)
+    return cases
+
+
 FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "attention": attention_cases,
+    "linear": linear_cases,
+    "flow": flow_cases,
 }

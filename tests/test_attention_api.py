@@ -245,3 +245,10 @@ def test_concurrent_calls_from_python_threads():
         t.join()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_release_memory_then_compute_again():
+    q, k, v = _qkv(tq=300, tk=300)
+    before = fastattn.attention(q, k, v)
+    fastattn.release_memory()
+    torch.testing.assert_close(fastattn.attention(q, k, v), before, atol=0, rtol=0)

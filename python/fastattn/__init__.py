@@ -6,18 +6,27 @@ every op in :mod:`fastattn.reference`. Kernels run on ``torch.get_num_threads()`
 """
 
 from . import autograd, numpy, reference
-from ._native import num_threads, set_simd_level, simd_level, simd_levels
+from ._native import num_threads, release_memory, set_simd_level, simd_level, simd_levels
 from .attention import AttentionFunction, attention
+from .flow import FlowAttentionFunction, flow_attention
+from .linear import LinearAttentionFunction, linear_attention
+from . import nn  # noqa: E402  (after the ops it wraps)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
     "AttentionFunction",
+    "flow_attention",
+    "FlowAttentionFunction",
+    "linear_attention",
+    "LinearAttentionFunction",
+    "nn",
     "autograd",
     "numpy",
     "reference",
     "num_threads",
+    "release_memory",
     "set_simd_level",
     "simd_level",
     "simd_levels",

@@ -10,7 +10,7 @@ import os
 
 from . import _fastattn as lib
 
-__all__ = ["lib", "num_threads", "simd_level", "simd_levels", "set_simd_level"]
+__all__ = ["lib", "num_threads", "simd_level", "simd_levels", "set_simd_level", "release_memory"]
 
 
 def num_threads() -> int:
@@ -48,3 +48,9 @@ def set_simd_level(level: str | None = None) -> str:
     if level is not None and not isinstance(level, str):
         raise TypeError(f"level must be a str or None, got {type(level).__name__}")
     return lib.set_simd_level(level)
+
+
+def release_memory() -> None:
+    """Frees the scratch buffers kernels keep between calls to avoid page faults on the next
+    call (at most 256 MiB per element type)."""
+    lib.release_buffers()

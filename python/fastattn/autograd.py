@@ -2,5 +2,7 @@
 Function classes."""
 
 from .attention import AttentionFunction
+from .flow import FlowAttentionFunction
+from .linear import LinearAttentionFunction
 
-__all__ = ["AttentionFunction"]
+__all__ = ["AttentionFunction", "FlowAttentionFunction", "LinearAttentionFunction"]

@@ -12,7 +12,14 @@ import numpy as np
 from . import _checks
 from ._native import lib, num_threads
 
-__all__ = ["attention", "attention_backward"]
+__all__ = [
+    "attention",
+    "attention_backward",
+    "flow_attention",
+    "flow_attention_backward",
+    "linear_attention",
+    "linear_attention_backward",
+]
 
 _NP_DTYPES = ("float32", "float64", "float16")
 
@@ -73,4 +80,125 @@ def attention_backward(dout, q, k, v, out, lse, is_causal=False, scale=None):
         q.dtype.name, dims, scale, is_causal, num_threads(),
         _buf(q), _buf(k), _buf(v), _buf(out), _buf(dout), _buf(lse), _buf(dq), _buf(dk), _buf(dv_),
     )
+    return dq, dk, dv_
+
+
+# --- linear attention and flow attention -------------------------------------------------
+
+
+def _np_state(name, s, shape, acc):
+    if s is None:
+        return None
+    if not isinstance(s, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or None, got {type(s).__name__}")
+    if tuple(s.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(s.shape)}")
+    _checks.check_dtype(name, s.dtype.name, _NP_DTYPES)
+    return np.ascontiguousarray(s, dtype=acc)
+
+
+def _linear_args(q, k, v, scale, initial_kv, initial_z, cu_seqlens, normalize, causal, feature_map):
+    from .linear import FEATURE_MAPS
+
+    q, k, v = _arrays(q=q, k=k, v=v)
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, a.shape, 4, "[batch, seqlen, heads, head_dim]")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {q.shape}, got {k.shape}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q's first three dims {q.shape[:3]}, got {v.shape}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError("head dims must be positive")
+    _checks.check_bool("normalize", normalize)
+    _checks.check_bool("causal", causal)
+    fm = "identity" if feature_map is None else feature_map
+    if fm not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be None or one of {FEATURE_MAPS}, got {feature_map!r}")
+    scale = _checks.check_scale(scale, q.shape[-1] ** -0.5)
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    if cu_seqlens is not None:
+        cu = np.asarray(cu_seqlens)
+        if cu.dtype.kind not in "iu" or cu.ndim != 1 or cu.shape[0] < 2:
+            raise ValueError("cu_seqlens must be a 1-D integer array with at least 2 entries")
+        if b != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1, got {b}")
+        if cu[0] != 0 or cu[-1] != t or np.any(np.diff(cu) < 0):
+            raise ValueError(f"cu_seqlens must be sorted, start at 0 and end at {t}")
+        cu_seqlens = np.ascontiguousarray(cu, dtype=np.int64)
+    n = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if not causal and (initial_kv is not None or initial_z is not None):
+        raise ValueError("initial states are only defined for causal=True")
+    acc = _acc(q.dtype)
+    initial_kv = _np_state("initial_kv", initial_kv, (n, h, kd, vd), acc)
+    initial_z = _np_state("initial_z", initial_z, (n, 1, h, kd), acc)
+    opt = lambda a: None if a is None else _buf(a)  # noqa: E731
+    return q, k, v, scale, initial_kv, initial_z, cu_seqlens, fm, (b, t, h, kd, vd), n, acc, opt
+
+
+def linear_attention(q, k, v, scale=None, initial_kv=None, initial_z=None, normalize=True, cu_seqlens=None,
+                     causal=True, feature_map=None):
+    """Linear attention on ``[B, T, H, K]`` arrays; see :func:`fastattn.linear_attention`.
+    Returns ``(o, final_kv [N, H, K, V], final_z [N, 1, H, K])`` (states always returned,
+    float32 or float64)."""
+    q, k, v, scale, kv0, z0, cu, fm, dims, n, acc, opt = _linear_args(
+        q, k, v, scale, initial_kv, initial_z, cu_seqlens, normalize, causal, feature_map)
+    b, t, h, kd, vd = dims
+    out = np.empty((b, t, h, vd), dtype=q.dtype)
+    fkv = np.empty((n, h, kd, vd), dtype=acc)
+    fz = np.empty((n, 1, h, kd), dtype=acc)
+    lib.linear_attention_forward(q.dtype.name, dims, scale, causal, normalize, fm, num_threads(),
+                                 _buf(q), _buf(k), _buf(v), opt(kv0), opt(z0), opt(cu), _buf(out), _buf(fkv), _buf(fz))
+    return out, fkv, fz
+
+
+def linear_attention_backward(dout, q, k, v, scale=None, initial_kv=None, initial_z=None, normalize=True,
+                              cu_seqlens=None, causal=True, feature_map=None, d_final_kv=None, d_final_z=None):
+    """Gradients ``(dq, dk, dv, d_initial_kv, d_initial_z)`` of :func:`linear_attention`
+    (the state gradients are None where no initial state was given)."""
+    q, k, v, scale, kv0, z0, cu, fm, dims, n, acc, opt = _linear_args(
+        q, k, v, scale, initial_kv, initial_z, cu_seqlens, normalize, causal, feature_map)
+    b, t, h, kd, vd = dims
+    (dout,) = _arrays(dout=np.asarray(dout, dtype=q.dtype))
+    if dout.shape != (b, t, h, vd):
+        raise ValueError(f"dout must have shape {(b, t, h, vd)}, got {dout.shape}")
+    gkv = _np_state("d_final_kv", d_final_kv, (n, h, kd, vd), acc)
+    gz = _np_state("d_final_z", d_final_z, (n, 1, h, kd), acc)
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    dkv0 = np.empty((n, h, kd, vd) if kv0 is not None else (0,), dtype=acc)
+    dz0 = np.empty((n, 1, h, kd) if z0 is not None else (0,), dtype=acc)
+    lib.linear_attention_backward(q.dtype.name, dims, scale, causal, normalize, fm, num_threads(),
+                                  _buf(q), _buf(k), _buf(v), opt(kv0), opt(z0), opt(cu), _buf(dout), opt(gkv), opt(gz),
+                                  _buf(dq), _buf(dk), _buf(dv), _buf(dkv0), _buf(dz0))
+    return dq, dk, dv, (dkv0 if kv0 is not None else None), (dz0 if z0 is not None else None)
+
+
+def flow_attention(q, k, v, causal=False, eps=1e-6):
+    """Flow-Attention on ``[B, T, H, D]`` arrays; see :func:`fastattn.flow_attention`."""
+    from .flow import _check_eps, flow_dims
+
+    q, k, v = _arrays(q=q, k=k, v=v)
+    _checks.check_bool("causal", causal)
+    dims = flow_dims(q.shape, k.shape, v.shape, causal)
+    eps = _check_eps(eps)
+    b, n, _, h, _, dv = dims
+    out = np.empty((b, n, h, dv), dtype=q.dtype)
+    lib.flow_attention_forward(q.dtype.name, dims, causal, eps, num_threads(), _buf(q), _buf(k), _buf(v), _buf(out))
+    return out
+
+
+def flow_attention_backward(dout, q, k, v, causal=False, eps=1e-6):
+    """Gradients ``(dq, dk, dv)`` of :func:`flow_attention` given ``dout``."""
+    from .flow import _check_eps, flow_dims
+
+    dout, q, k, v = _arrays(dout=dout, q=q, k=k, v=v)
+    _checks.check_bool("causal", causal)
+    dims = flow_dims(q.shape, k.shape, v.shape, causal)
+    eps = _check_eps(eps)
+    b, n, _, h, _, dv = dims
+    if dout.shape != (b, n, h, dv):
+        raise ValueError(f"dout must have shape {(b, n, h, dv)}, got {dout.shape}")
+    dq, dk, dv_ = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    lib.flow_attention_backward(q.dtype.name, dims, causal, eps, num_threads(),
+                                _buf(q), _buf(k), _buf(v), _buf(dout), _buf(dq), _buf(dk), _buf(dv_))
     return dq, dk, dv_

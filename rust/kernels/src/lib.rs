@@ -15,7 +15,9 @@ pub mod attention;
 pub mod buffer_pool;
 pub mod element;
 pub mod error;
+pub mod flow;
 pub mod gemm;
+pub mod linear;
 pub mod per_thread;
 pub mod simd;
 

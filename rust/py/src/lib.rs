@@ -5,6 +5,8 @@
 
 mod attention;
 mod buffers;
+mod flow;
+mod linear;
 mod runtime;
 
 use pyo3::prelude::*;
@@ -13,5 +15,7 @@ use pyo3::prelude::*;
 fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     runtime::register(m)?;
     attention::register(m)?;
+    flow::register(m)?;
+    linear::register(m)?;
     Ok(())
 }

@@ -80,6 +80,12 @@ fn set_simd_level(level: Option<&str>) -> PyResult<&'static str> {
         .map_err(PyValueError::new_err)
 }
 
+/// Frees the scratch buffers kernels keep between calls (up to 256 MiB per element type).
+#[pyfunction]
+fn release_buffers() {
+    fastattn_kernels::buffer_pool::release_all();
+}
+
 /// Panics inside the guarded kernel runner, on a pool thread: lets the tests check that a
 /// Rust panic reaches Python as an exception instead of aborting the interpreter.
 #[pyfunction]
@@ -97,6 +103,7 @@ fn _panic_in_kernel_for_tests(py: Python<'_>, threads: usize) -> PyResult<()> {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_in_kernel_for_tests, m)?)?;
+    m.add_function(wrap_pyfunction!(release_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;

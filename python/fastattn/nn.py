@@ -1,0 +1,125 @@
+"""``nn.Module`` layers built on fastattn's ops.
+
+* :class:`FlowAttention` / :class:`FlowAttentionCausal`: Flowformer's ``Flow_Attention`` /
+  ``Flow_Attention_Causal`` with the same constructor, parameter names and ``forward(queries,
+  keys, values)`` on ``[B, L or S, d_input]`` inputs, so their ``state_dict`` loads as is and
+  gives the same output (dropout after the output projection only).
+* :class:`LinearAttention`: projections + feature map + :func:`fastattn.linear_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .flow import flow_attention
+from .linear import FEATURE_MAPS, linear_attention
+
+__all__ = ["FlowAttention", "FlowAttentionCausal", "LinearAttention"]
+
+
+class _FlowBase(nn.Module):
+    causal = False
+
+    def __init__(self, d_input, d_model, d_output, n_heads, drop_out=0.05, eps=1e-6):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
+        self.n_heads = n_heads
+        self.query_projection = nn.Linear(d_input, d_model)
+        self.key_projection = nn.Linear(d_input, d_model)
+        self.value_projection = nn.Linear(d_input, d_model)
+        self.out_projection = nn.Linear(d_model, d_output)
+        self.dropout = nn.Dropout(drop_out)
+        self.eps = eps
+
+    def forward(self, queries, keys, values):
+        """``queries`` ``[B, L, d_input]``, ``keys``/``values`` ``[B, S, d_input]`` (not yet
+        projected) → ``[B, L, d_output]``."""
+        b, l, _ = queries.shape
+        s = keys.shape[1]
+        q = self.query_projection(queries).view(b, l, self.n_heads, -1)
+        k = self.key_projection(keys).view(b, s, self.n_heads, -1)
+        v = self.value_projection(values).view(b, s, self.n_heads, -1)
+        x = flow_attention(q, k, v, causal=self.causal, eps=self.eps)
+        return self.dropout(self.out_projection(x.reshape(b, l, -1)))
+
+
+class FlowAttention(_FlowBase):
+    """Flowformer's ``Flow_Attention`` (non-causal; ``S`` may differ from ``L``).
+
+    ``FlowAttention(d_input, d_model, d_output, n_heads, drop_out=0.05, eps=1e-6)``; Linear
+    layers ``query_projection``, ``key_projection``, ``value_projection`` (``d_input →
+    d_model``) and ``out_projection`` (``d_model → d_output``), all with bias."""
+
+    causal = False
+
+
+class FlowAttentionCausal(_FlowBase):
+    """Flowformer's ``Flow_Attention_Causal`` (needs ``S == L``); same constructor and
+    parameters as :class:`FlowAttention`."""
+
+    causal = True
+
+
+class LinearAttention(nn.Module):
+    """Multi-head linear attention layer.
+
+    ``LinearAttention(d_model, n_heads, head_dim=None, v_head_dim=None, feature_map="elu1",
+    causal=True, normalize=True, scale=None, bias=False, d_output=None, dropout=0.0)``:
+
+    * ``q_proj``, ``k_proj`` (``d_model → n_heads·head_dim``), ``v_proj`` (``d_model →
+      n_heads·v_head_dim``) and ``o_proj`` (``n_heads·v_head_dim → d_output``), bias per
+      ``bias``; ``head_dim`` defaults to ``d_model // n_heads``, ``v_head_dim`` to
+      ``head_dim``, ``d_output`` to ``d_model``.
+    * ``feature_map`` (``"elu1"``: Katharopoulos et al., ``"relu"``, ``"identity"``) is applied
+      to q and k inside the kernel; ``scale`` defaults to ``head_dim ** -0.5`` (it cancels when
+      ``normalize``).
+    * dropout after the output projection.
+
+    ``forward(x, initial_state=None, output_final_state=False, cu_seqlens=None)`` with ``x``
+    ``[B, T, d_model]`` returns ``(y [B, T, d_output], final_state)`` where ``final_state``
+    follows :func:`fastattn.linear_attention` (pass it back as ``initial_state`` to decode).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        feature_map: str = "elu1",
+        causal: bool = True,
+        normalize: bool = True,
+        scale: float | None = None,
+        bias: bool = False,
+        d_output: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {', '.join(map(repr, FEATURE_MAPS))}, got {feature_map!r}")
+        if head_dim is None:
+            if d_model % n_heads != 0:
+                raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads}) unless head_dim is given")
+            head_dim = d_model // n_heads
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        d_output = d_model if d_output is None else d_output
+        self.n_heads, self.head_dim, self.v_head_dim = n_heads, head_dim, v_head_dim
+        self.feature_map, self.causal, self.normalize, self.scale = feature_map, causal, normalize, scale
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_heads * v_head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * v_head_dim, d_output, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, initial_state=None, output_final_state: bool = False, cu_seqlens=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_heads, self.v_head_dim)
+        o, state = linear_attention(
+            q, k, v, scale=self.scale, initial_state=initial_state, output_final_state=output_final_state,
+            normalize=self.normalize, cu_seqlens=cu_seqlens, causal=self.causal, feature_map=self.feature_map,
+        )
+        return self.dropout(self.o_proj(o.reshape(b, t, -1))), state

@@ -1,0 +1,196 @@
+use super::*;
+
+fn lcg(seed: &mut u64) -> f64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}
+
+fn rand(n: usize, seed: &mut u64, amp: f64) -> Vec<f64> {
+    (0..n).map(|_| amp * lcg(seed)).collect()
+}
+
+fn sig(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Direct float64 transcription of SPEC §4 (quadratic where it is simplest).
+fn naive(d: &FlowDims, causal: bool, eps: f64, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    let (h, dk, dv, n, m) = (d.heads, d.head_dim, d.v_head_dim, d.q_len, d.kv_len);
+    let mut out = vec![0.0; d.batch * n * h * dv];
+    for b in 0..d.batch {
+        for hh in 0..h {
+            let qs = |i: usize, c: usize| sig(q[((b * n + i) * h + hh) * dk + c]);
+            let ks = |j: usize, c: usize| sig(k[((b * m + j) * h + hh) * dk + c]);
+            let vv = |j: usize, c: usize| v[((b * m + j) * h + hh) * dv + c];
+            // upper bound of the sums for row t (exclusive)
+            let hi_k = |t: usize| if causal { t + 1 } else { m };
+            let hi_q = |t: usize| if causal { t + 1 } else { n };
+            let w = |t: usize| if causal { (t + 1) as f64 } else { 1.0 };
+            let ii: Vec<f64> = (0..n)
+                .map(|i| {
+                    1.0 / (0..dk)
+                        .map(|c| {
+                            (qs(i, c) + eps) * ((0..hi_k(i)).map(|j| ks(j, c)).sum::<f64>() + eps)
+                        })
+                        .sum::<f64>()
+                })
+                .collect();
+            let oo: Vec<f64> = (0..m)
+                .map(|j| {
+                    1.0 / (0..dk)
+                        .map(|c| {
+                            (ks(j, c) + eps) * ((0..hi_q(j)).map(|i| qs(i, c)).sum::<f64>() + eps)
+                        })
+                        .sum::<f64>()
+                })
+                .collect();
+            let ih: Vec<f64> = (0..n)
+                .map(|i| {
+                    (0..dk)
+                        .map(|c| {
+                            (qs(i, c) + eps)
+                                * ((0..hi_k(i)).map(|j| w(j) * oo[j] * ks(j, c)).sum::<f64>() + eps)
+                        })
+                        .sum::<f64>()
+                        / w(i)
+                })
+                .collect();
+            let oh: Vec<f64> = (0..m)
+                .map(|j| {
+                    ((0..dk)
+                        .map(|c| {
+                            (ks(j, c) + eps)
+                                * ((0..hi_q(j)).map(|i| w(i) * ii[i] * qs(i, c)).sum::<f64>() + eps)
+                        })
+                        .sum::<f64>()
+                        / w(j))
+                    .clamp(-1.0, 1.0)
+                })
+                .collect();
+            let a: Vec<f64> = (0..n)
+                .map(|i| {
+                    sig(if causal {
+                        ih[i]
+                    } else {
+                        ih[i] * n as f64 / m as f64
+                    })
+                })
+                .collect();
+            let cc: Vec<f64> = (0..m)
+                .map(|j| {
+                    let z: f64 = (0..hi_k(j)).map(|l| oh[l].exp()).sum();
+                    (if causal { (j + 1) as f64 } else { m as f64 }) * oh[j].exp() / z
+                })
+                .collect();
+            for i in 0..n {
+                for c in 0..dv {
+                    let mut s = 0.0;
+                    for j in 0..hi_k(i) {
+                        let sc: f64 = (0..dk).map(|x| qs(i, x) * ks(j, x)).sum();
+                        s += sc * cc[j] * vv(j, c);
+                    }
+                    out[((b * n + i) * h + hh) * dv + c] = a[i] * ii[i] * s;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn shapes() -> Vec<(FlowDims, bool)> {
+    let mut out = vec![];
+    for &(b, n, m, h, dk, dv) in &[
+        (1, 1, 1, 1, 3, 2),
+        (2, 5, 5, 2, 4, 3),
+        (1, 7, 11, 1, 5, 6),
+        (1, 70, 70, 1, 4, 33),
+        (1, 130, 97, 2, 6, 5),
+    ] {
+        for causal in [false, true] {
+            if causal && n != m {
+                continue;
+            }
+            out.push((
+                FlowDims {
+                    batch: b,
+                    q_len: n,
+                    kv_len: m,
+                    heads: h,
+                    head_dim: dk,
+                    v_head_dim: dv,
+                },
+                causal,
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn forward_matches_naive_every_level() {
+    let mut seed = 11u64;
+    for level in crate::simd::available() {
+        crate::simd::force(Some(level)).unwrap();
+        for (d, causal) in shapes() {
+            let q = rand(d.batch * d.q_len * d.heads * d.head_dim, &mut seed, 2.0);
+            let k = rand(d.batch * d.kv_len * d.heads * d.head_dim, &mut seed, 2.0);
+            let v = rand(d.batch * d.kv_len * d.heads * d.v_head_dim, &mut seed, 1.0);
+            let want = naive(&d, causal, 1e-6, &q, &k, &v);
+            let mut out = vec![0.0; want.len()];
+            forward(&d, causal, 1e-6, &q, &k, &v, &mut out).unwrap();
+            for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (x - y).abs() < 1e-10 * (1.0 + y.abs()),
+                    "{level:?} {d:?} {causal} [{i}] {x} vs {y}"
+                );
+            }
+        }
+    }
+    crate::simd::force(None).unwrap();
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    let mut seed = 13u64;
+    for level in crate::simd::available() {
+        crate::simd::force(Some(level)).unwrap();
+        for (d, causal) in shapes().into_iter().filter(|(d, _)| d.q_len <= 70) {
+            // Large amplitudes push some conserved sources past the clamp.
+            let q = rand(d.batch * d.q_len * d.heads * d.head_dim, &mut seed, 3.0);
+            let k = rand(d.batch * d.kv_len * d.heads * d.head_dim, &mut seed, 3.0);
+            let v = rand(d.batch * d.kv_len * d.heads * d.v_head_dim, &mut seed, 1.0);
+            let go = rand(d.batch * d.q_len * d.heads * d.v_head_dim, &mut seed, 1.0);
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+                let mut out = vec![0.0; go.len()];
+                forward(&d, causal, 1e-6, q, k, v, &mut out).unwrap();
+                out.iter().zip(&go).map(|(a, b)| a * b).sum()
+            };
+            let mut dq = vec![0.0; q.len()];
+            let mut dk = vec![0.0; k.len()];
+            let mut dv = vec![0.0; v.len()];
+            backward(&d, causal, 1e-6, &q, &k, &v, &go, &mut dq, &mut dk, &mut dv).unwrap();
+            let mut args = [q.clone(), k.clone(), v.clone()];
+            let grads = [&dq, &dk, &dv];
+            let eps = 1e-6;
+            for which in 0..3 {
+                for i in (0..args[which].len()).step_by(5) {
+                    let x = args[which][i];
+                    args[which][i] = x + eps;
+                    let lp = loss(&args[0], &args[1], &args[2]);
+                    args[which][i] = x - eps;
+                    let lm = loss(&args[0], &args[1], &args[2]);
+                    args[which][i] = x;
+                    let fd = (lp - lm) / (2.0 * eps);
+                    let got = grads[which][i];
+                    assert!(
+                        (got - fd).abs() <= 1e-5 * (1.0 + fd.abs()),
+                        "{level:?} {d:?} causal={causal} arg {which}[{i}]: {got} vs {fd}"
+                    );
+                }
+            }
+        }
+    }
+    crate::simd::force(None).unwrap();
+}

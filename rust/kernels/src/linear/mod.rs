@@ -1,0 +1,570 @@
+//! Linear attention with flash-linear-attention semantics (SPEC §5), forward and backward.
+//!
+//! Per sequence and head, with `φ` the feature map and `s` the scale:
+//! `o_t = s φ(q_t) · (S0 + Σ_{j≤t} φ(k_j) v_jᵀ)`, and with `normalize` divided by
+//! `s φ(q_t) · (z0 + Σ_{j≤t} φ(k_j)) + 1e-10`. Non-causal: the sums run over the whole
+//! sequence (no initial state). States are `[N, H, K, V]` and `[N, 1, H, K]` in the
+//! accumulation type. Sequences are the batch rows, or the `cu_seqlens` segments of one
+//! packed row.
+//!
+//! The work runs on the chunked core in [`core`] (intra-chunk blocks and inter-chunk
+//! `K×V` states on the packed GEMM), parallel over (sequence, head).
+
+pub mod core;
+
+use crate::buffer_pool::{take, PoolVec};
+use crate::element::{Acc, Element};
+use crate::error::{check_len, KernelError};
+use crate::per_thread::PerThread;
+use crate::simd::{self, Level};
+use rayon::prelude::*;
+
+pub use self::core::{Core, Ws, CHUNK};
+
+/// Rows per streamed segment of the causal forward (a multiple of [`CHUNK`]).
+pub const SEGMENT: usize = 512;
+
+/// Feature map applied to q and k inside the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureMap {
+    Identity,
+    /// `elu(x) + 1` (Katharopoulos et al.).
+    Elu1,
+    Relu,
+}
+
+impl FeatureMap {
+    pub fn parse(s: &str) -> Option<FeatureMap> {
+        match s {
+            "identity" | "none" | "" => Some(FeatureMap::Identity),
+            "elu1" | "elu+1" => Some(FeatureMap::Elu1),
+            "relu" => Some(FeatureMap::Relu),
+            _ => None,
+        }
+    }
+
+    #[inline]
+    pub fn apply<A: Acc>(self, x: A) -> A {
+        match self {
+            FeatureMap::Identity => x,
+            FeatureMap::Elu1 => {
+                if x > A::ZERO {
+                    x + A::ONE
+                } else {
+                    x.exp()
+                }
+            }
+            FeatureMap::Relu => {
+                if x > A::ZERO {
+                    x
+                } else {
+                    A::ZERO
+                }
+            }
+        }
+    }
+
+    /// Maps `x` in place to `φ(x)` (vector exp for elu+1); with `deriv`, also writes
+    /// `φ'(x)` there, read off `φ(x)`: elu+1 → `min(φ, 1)`, relu → `[φ > 0]`, identity → 1.
+    pub fn apply_rows<A: Acc>(
+        self,
+        level: Level,
+        x: &mut [A],
+        tmp: &mut Vec<A>,
+        deriv: Option<&mut Vec<A>>,
+    ) {
+        match self {
+            FeatureMap::Identity => {}
+            FeatureMap::Relu => x.iter_mut().for_each(|v| {
+                if *v < A::ZERO {
+                    *v = A::ZERO
+                }
+            }),
+            FeatureMap::Elu1 => {
+                let c = A::from_f64(std::f64::consts::LOG2_E);
+                tmp.clear();
+                // exp(x) = 2^(x·log2 e), only used where x <= 0 (no overflow there)
+                tmp.extend(x.iter().map(|&v| if v > A::ZERO { A::ZERO } else { v * c }));
+                A::exp2_sub_sum(level, tmp, A::ZERO);
+                for (v, &e) in x.iter_mut().zip(tmp.iter()) {
+                    *v = if *v > A::ZERO { *v + A::ONE } else { e };
+                }
+            }
+        }
+        if let Some(d) = deriv {
+            d.clear();
+            d.extend(x.iter().map(|&f| match self {
+                FeatureMap::Identity => A::ONE,
+                FeatureMap::Relu => {
+                    if f > A::ZERO {
+                        A::ONE
+                    } else {
+                        A::ZERO
+                    }
+                }
+                FeatureMap::Elu1 => {
+                    if f > A::ONE {
+                        A::ONE
+                    } else {
+                        f
+                    }
+                }
+            }));
+        }
+    }
+
+    /// Derivative at `x`.
+    #[inline]
+    pub fn deriv<A: Acc>(self, x: A) -> A {
+        match self {
+            FeatureMap::Identity => A::ONE,
+            FeatureMap::Elu1 => {
+                if x > A::ZERO {
+                    A::ONE
+                } else {
+                    x.exp()
+                }
+            }
+            FeatureMap::Relu => {
+                if x > A::ZERO {
+                    A::ONE
+                } else {
+                    A::ZERO
+                }
+            }
+        }
+    }
+}
+
+/// Shapes: q/k `[batch, seq_len, heads, head_dim]`, v `[batch, seq_len, heads, v_head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearDims {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// What the op computes.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearOpts {
+    pub scale: f64,
+    pub causal: bool,
+    pub normalize: bool,
+    pub feature_map: FeatureMap,
+}
+
+/// A raw pointer tasks write disjoint rows through.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: each task writes only its own rows (distinct (sequence, head) pairs).
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// # Safety
+    /// `off..off + len` must be in bounds and written by no one else meanwhile.
+    #[inline]
+    pub(crate) unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+}
+
+/// `(first row in the flattened [B·T] rows, length)` of every sequence.
+pub fn sequences(
+    batch: usize,
+    seq_len: usize,
+    cu_seqlens: Option<&[i64]>,
+) -> Result<Vec<(usize, usize)>, KernelError> {
+    match cu_seqlens {
+        None => Ok((0..batch).map(|b| (b * seq_len, seq_len)).collect()),
+        Some(cu) => {
+            if batch != 1 {
+                return Err(KernelError::Argument(format!(
+                    "cu_seqlens needs batch size 1, got {batch}"
+                )));
+            }
+            if cu.len() < 2 || cu[0] != 0 || *cu.last().unwrap() != seq_len as i64 {
+                return Err(KernelError::Argument(format!(
+                    "cu_seqlens must start at 0 and end at the sequence length {seq_len}"
+                )));
+            }
+            let mut out = Vec::with_capacity(cu.len() - 1);
+            for w in cu.windows(2) {
+                if w[1] < w[0] {
+                    return Err(KernelError::Argument(
+                        "cu_seqlens must be non-decreasing".into(),
+                    ));
+                }
+                out.push((w[0] as usize, (w[1] - w[0]) as usize));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Gathers rows `row0..row0+len` of head `h` from a `[rows, heads, width]` tensor as
+/// contiguous accumulation-type rows, mapping every value through `f`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gather<E: Element>(
+    src: &[E],
+    row0: usize,
+    len: usize,
+    heads: usize,
+    h: usize,
+    width: usize,
+    dst: &mut Vec<E::Acc>,
+    f: impl Fn(E::Acc) -> E::Acc,
+) {
+    dst.clear();
+    dst.resize(len * width, <E::Acc as Acc>::ZERO);
+    for t in 0..len {
+        let off = ((row0 + t) * heads + h) * width;
+        let d = &mut dst[t * width..(t + 1) * width];
+        E::to_acc_slice(&src[off..off + width], d);
+        d.iter_mut().for_each(|x| *x = f(*x));
+    }
+}
+
+/// Writes contiguous rows back into head `h` of a `[rows, heads, width]` tensor.
+///
+/// # Safety
+/// Those rows of `dst` must be in bounds and written by no one else meanwhile.
+pub(crate) unsafe fn scatter<E: Element>(
+    src: &[E::Acc],
+    row0: usize,
+    len: usize,
+    heads: usize,
+    h: usize,
+    width: usize,
+    dst: SharedMut<E>,
+) {
+    for t in 0..len {
+        let off = ((row0 + t) * heads + h) * width;
+        E::from_acc_slice(&src[t * width..(t + 1) * width], dst.slice(off, width));
+    }
+}
+
+fn check_state<A>(name: &'static str, s: Option<&[A]>, n: usize) -> Result<(), KernelError> {
+    match s {
+        Some(s) => check_len(name, s, n),
+        None => Ok(()),
+    }
+}
+
+fn check_opt_out<A>(name: &'static str, s: &[A], n: usize) -> Result<(), KernelError> {
+    if s.is_empty() {
+        Ok(())
+    } else {
+        check_len(name, s, n)
+    }
+}
+
+/// Per-worker buffers, pooled across calls (fresh multi-megabyte buffers page-fault).
+struct Scratch<A: Acc> {
+    ws: Ws<A>,
+    aq: PoolVec<A>,
+    kf: PoolVec<A>,
+    v: PoolVec<A>,
+    o: PoolVec<A>,
+    g: PoolVec<A>,
+    dk: PoolVec<A>,
+    dv: PoolVec<A>,
+    tmp: PoolVec<A>,
+    qd: PoolVec<A>,
+    kd: PoolVec<A>,
+}
+
+impl<A: Acc> Scratch<A> {
+    /// `nk`/`nv`: the largest `len·K` / `len·V` a task needs.
+    fn new(nk: usize, nv: usize) -> Self {
+        Scratch {
+            ws: Ws::default(),
+            aq: take(nk),
+            kf: take(nk),
+            v: take(nv),
+            o: take(nk.max(nv)),
+            g: take(nv),
+            dk: take(nk),
+            dv: take(nv),
+            tmp: take(nk),
+            qd: take(nk),
+            kd: take(nk),
+        }
+    }
+}
+
+fn validate(
+    d: &LinearDims,
+    o: &LinearOpts,
+    nseq: usize,
+    init_kv: bool,
+    init_z: bool,
+) -> Result<(), KernelError> {
+    if !o.causal && (init_kv || init_z) {
+        return Err(KernelError::Argument(
+            "initial_state is only defined for causal linear attention".into(),
+        ));
+    }
+    if !o.scale.is_finite() {
+        return Err(KernelError::Argument("scale must be finite".into()));
+    }
+    let _ = (d, nseq);
+    Ok(())
+}
+
+/// Forward. `out` is `[B, T, H, V]`; `final_kv` (`[N, H, K, V]`) and `final_z`
+/// (`[N, 1, H, K]`) receive the states after each sequence, or are empty to skip.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<E: Element>(
+    d: &LinearDims,
+    opts: &LinearOpts,
+    cu_seqlens: Option<&[i64]>,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    init_kv: Option<&[E::Acc]>,
+    init_z: Option<&[E::Acc]>,
+    out: &mut [E],
+    final_kv: &mut [E::Acc],
+    final_z: &mut [E::Acc],
+) -> Result<(), KernelError> {
+    let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
+    let rows = d.batch * d.seq_len;
+    check_len("q", q, rows * h * kd)?;
+    check_len("k", k, rows * h * kd)?;
+    check_len("v", v, rows * h * vd)?;
+    check_len("out", out, rows * h * vd)?;
+    let seqs = sequences(d.batch, d.seq_len, cu_seqlens)?;
+    let n = seqs.len();
+    validate(d, opts, n, init_kv.is_some(), init_z.is_some())?;
+    check_state("initial_kv", init_kv, n * h * kd * vd)?;
+    check_state("initial_z", init_z, n * h * kd)?;
+    check_opt_out("final_kv", final_kv, n * h * kd * vd)?;
+    check_opt_out("final_z", final_z, n * h * kd)?;
+    let level = simd::active();
+    let (outp, fkv, fz) = (
+        SharedMut(out.as_mut_ptr()),
+        SharedMut(final_kv.as_mut_ptr()),
+        SharedMut(final_z.as_mut_ptr()),
+    );
+    let (want_kv, want_z) = (!final_kv.is_empty(), !final_z.is_empty());
+    let scale = E::Acc::from_f64(opts.scale);
+    let fm = opts.feature_map;
+    let maxlen = seqs.iter().map(|s| s.1).max().unwrap_or(0);
+    let per: PerThread<Scratch<E::Acc>> = PerThread::new();
+    // Causal sequences stream through in segments small enough to stay in cache, the
+    // state carried from one segment to the next; non-causal ones need the whole sequence.
+    let seg = if opts.causal { SEGMENT } else { maxlen.max(1) };
+    let seg_rows = maxlen.min(seg);
+    (0..n * h).into_par_iter().for_each(|task| {
+        let (si, hh) = (task / h, task % h);
+        let (row0, len) = seqs[si];
+        per.with(
+            || Scratch::new(seg_rows * kd, seg_rows * vd),
+            |sc| {
+                let zero = <E::Acc as Acc>::ZERO;
+                // running states: `dk` holds kv (k×v), `dv` holds z (k)
+                let s0 = init_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]);
+                let z0 = init_z.map(|s| &s[task * kd..(task + 1) * kd]);
+                sc.dk.clear();
+                sc.dk.resize(kd * vd, zero);
+                sc.dv.clear();
+                sc.dv.resize(kd, zero);
+                if let Some(s0) = s0 {
+                    sc.dk.copy_from_slice(s0);
+                }
+                if let Some(z0) = z0 {
+                    sc.dv.copy_from_slice(z0);
+                }
+                let mut have_state = s0.is_some();
+                let mut have_z = z0.is_some();
+                let mut s_next = take::<E::Acc>(kd * vd);
+                s_next.resize(kd * vd, zero);
+                let mut z_next = take::<E::Acc>(kd);
+                z_next.resize(kd, zero);
+                let mut start = 0;
+                while start < len {
+                    let sl = seg.min(len - start);
+                    gather(q, row0 + start, sl, h, hh, kd, &mut sc.aq, |x| x);
+                    gather(k, row0 + start, sl, h, hh, kd, &mut sc.kf, |x| x);
+                    gather(v, row0 + start, sl, h, hh, vd, &mut sc.v, |x| x);
+                    fm.apply_rows(level, &mut sc.aq, &mut sc.tmp, None);
+                    fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, None);
+                    if scale != <E::Acc as Acc>::ONE {
+                        sc.aq.iter_mut().for_each(|x| *x *= scale);
+                    }
+                    sc.o.clear();
+                    sc.o.resize(sl * vd, zero);
+                    let core = Core {
+                        lq: sl,
+                        lk: sl,
+                        k: kd,
+                        v: vd,
+                        causal: opts.causal,
+                        normalize: opts.normalize,
+                    };
+                    core.forward(
+                        level,
+                        &sc.aq,
+                        &sc.kf,
+                        &sc.v,
+                        if have_state { Some(&sc.dk[..]) } else { None },
+                        if have_z { Some(&sc.dv[..]) } else { None },
+                        &mut sc.o,
+                        &mut s_next,
+                        &mut z_next,
+                        &mut sc.ws,
+                    );
+                    std::mem::swap(&mut *sc.dk, &mut *s_next);
+                    std::mem::swap(&mut *sc.dv, &mut *z_next);
+                    have_state = true;
+                    have_z = true;
+                    // SAFETY: task `task` owns rows (row0.., head hh).
+                    unsafe { scatter::<E>(&sc.o, row0 + start, sl, h, hh, vd, outp) };
+                    start += sl;
+                }
+                // SAFETY: task `task` owns state slot `task`.
+                unsafe {
+                    if want_kv {
+                        fkv.slice(task * kd * vd, kd * vd).copy_from_slice(&sc.dk);
+                    }
+                    if want_z {
+                        fz.slice(task * kd, kd).copy_from_slice(&sc.dv);
+                    }
+                }
+            },
+        );
+    });
+    Ok(())
+}
+
+/// Backward: gradients of [`forward`] given `dout` and, optionally, the gradients of the
+/// final states. `d_init_kv`/`d_init_z` receive the initial states' gradients, or are
+/// empty to skip.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<E: Element>(
+    d: &LinearDims,
+    opts: &LinearOpts,
+    cu_seqlens: Option<&[i64]>,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    init_kv: Option<&[E::Acc]>,
+    init_z: Option<&[E::Acc]>,
+    dout: &[E],
+    d_final_kv: Option<&[E::Acc]>,
+    d_final_z: Option<&[E::Acc]>,
+    dq: &mut [E],
+    dk: &mut [E],
+    dv: &mut [E],
+    d_init_kv: &mut [E::Acc],
+    d_init_z: &mut [E::Acc],
+) -> Result<(), KernelError> {
+    let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
+    let rows = d.batch * d.seq_len;
+    check_len("q", q, rows * h * kd)?;
+    check_len("k", k, rows * h * kd)?;
+    check_len("v", v, rows * h * vd)?;
+    check_len("dout", dout, rows * h * vd)?;
+    check_len("dq", dq, rows * h * kd)?;
+    check_len("dk", dk, rows * h * kd)?;
+    check_len("dv", dv, rows * h * vd)?;
+    let seqs = sequences(d.batch, d.seq_len, cu_seqlens)?;
+    let n = seqs.len();
+    validate(d, opts, n, init_kv.is_some(), init_z.is_some())?;
+    check_state("initial_kv", init_kv, n * h * kd * vd)?;
+    check_state("initial_z", init_z, n * h * kd)?;
+    check_state("d_final_kv", d_final_kv, n * h * kd * vd)?;
+    check_state("d_final_z", d_final_z, n * h * kd)?;
+    check_opt_out("d_initial_kv", d_init_kv, n * h * kd * vd)?;
+    check_opt_out("d_initial_z", d_init_z, n * h * kd)?;
+    let level: Level = simd::active();
+    let (dqp, dkp, dvp) = (
+        SharedMut(dq.as_mut_ptr()),
+        SharedMut(dk.as_mut_ptr()),
+        SharedMut(dv.as_mut_ptr()),
+    );
+    let (dskv, dsz) = (
+        SharedMut(d_init_kv.as_mut_ptr()),
+        SharedMut(d_init_z.as_mut_ptr()),
+    );
+    let (want_kv, want_z) = (!d_init_kv.is_empty(), !d_init_z.is_empty());
+    let scale = E::Acc::from_f64(opts.scale);
+    let fm = opts.feature_map;
+    let maxlen = seqs.iter().map(|s| s.1).max().unwrap_or(0);
+    let per: PerThread<Scratch<E::Acc>> = PerThread::new();
+    (0..n * h).into_par_iter().for_each(|task| {
+        let (si, hh) = (task / h, task % h);
+        let (row0, len) = seqs[si];
+        per.with(
+            || Scratch::new(maxlen * kd, maxlen * vd),
+            |sc| {
+                gather(q, row0, len, h, hh, kd, &mut sc.aq, |x| x);
+                gather(k, row0, len, h, hh, kd, &mut sc.kf, |x| x);
+                gather(v, row0, len, h, hh, vd, &mut sc.v, |x| x);
+                fm.apply_rows(level, &mut sc.aq, &mut sc.tmp, Some(&mut sc.qd));
+                fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, Some(&mut sc.kd));
+                sc.aq.iter_mut().for_each(|x| *x *= scale);
+                gather(dout, row0, len, h, hh, vd, &mut sc.g, |x| x);
+                let zero = <E::Acc as Acc>::ZERO;
+                sc.o.clear();
+                sc.o.resize(len * kd, zero);
+                sc.dk.clear();
+                sc.dk.resize(len * kd, zero);
+                sc.dv.clear();
+                sc.dv.resize(len * vd, zero);
+                let core = Core {
+                    lq: len,
+                    lk: len,
+                    k: kd,
+                    v: vd,
+                    causal: opts.causal,
+                    normalize: opts.normalize,
+                };
+                let s0 = init_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]);
+                let z0 = init_z.map(|s| &s[task * kd..(task + 1) * kd]);
+                let gs = d_final_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]);
+                let gz = d_final_z.map(|s| &s[task * kd..(task + 1) * kd]);
+                // SAFETY: task `task` owns state slot `task` and rows (row0.., head hh).
+                let (ds0, dz0) = unsafe {
+                    (
+                        if want_kv {
+                            dskv.slice(task * kd * vd, kd * vd)
+                        } else {
+                            &mut [][..]
+                        },
+                        if want_z {
+                            dsz.slice(task * kd, kd)
+                        } else {
+                            &mut [][..]
+                        },
+                    )
+                };
+                core.backward(
+                    level, &sc.aq, &sc.kf, &sc.v, s0, z0, &sc.g, gs, gz, &mut sc.o, &mut sc.dk,
+                    &mut sc.dv, ds0, dz0, &mut sc.ws,
+                );
+                // Chain through the scale and feature map.
+                for ((g, &d), (gk, &dk)) in
+                    sc.o.iter_mut()
+                        .zip(sc.qd.iter())
+                        .zip(sc.dk.iter_mut().zip(sc.kd.iter()))
+                {
+                    *g = *g * scale * d;
+                    *gk *= dk;
+                }
+                unsafe {
+                    scatter::<E>(&sc.o, row0, len, h, hh, kd, dqp);
+                    scatter::<E>(&sc.dk, row0, len, h, hh, kd, dkp);
+                    scatter::<E>(&sc.dv, row0, len, h, hh, vd, dvp);
+                }
+            },
+        );
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

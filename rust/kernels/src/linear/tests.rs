@@ -1,0 +1,324 @@
+use super::*;
+
+fn lcg(seed: &mut u64) -> f64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}
+
+fn rand(n: usize, seed: &mut u64) -> Vec<f64> {
+    (0..n).map(|_| lcg(seed)).collect()
+}
+
+/// Naive recurrent float64 reference: returns (out, final kv, final z).
+#[allow(clippy::too_many_arguments)]
+fn naive(
+    d: &LinearDims,
+    o: &LinearOpts,
+    cu: Option<&[i64]>,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    s0: Option<&[f64]>,
+    z0: Option<&[f64]>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
+    let seqs = sequences(d.batch, d.seq_len, cu).unwrap();
+    let mut out = vec![0.0; d.batch * d.seq_len * h * vd];
+    let mut fkv = vec![0.0; seqs.len() * h * kd * vd];
+    let mut fz = vec![0.0; seqs.len() * h * kd];
+    let fm = o.feature_map;
+    for (si, &(row0, len)) in seqs.iter().enumerate() {
+        for hh in 0..h {
+            let task = si * h + hh;
+            let qf = |t: usize, c: usize| fm.apply(q[((row0 + t) * h + hh) * kd + c]) * o.scale;
+            let kf = |t: usize, c: usize| fm.apply(k[((row0 + t) * h + hh) * kd + c]);
+            let vv = |t: usize, c: usize| v[((row0 + t) * h + hh) * vd + c];
+            let mut s: Vec<f64> = s0.map_or(vec![0.0; kd * vd], |s| {
+                s[task * kd * vd..(task + 1) * kd * vd].to_vec()
+            });
+            let mut z: Vec<f64> =
+                z0.map_or(vec![0.0; kd], |z| z[task * kd..(task + 1) * kd].to_vec());
+            if !o.causal {
+                for j in 0..len {
+                    for a in 0..kd {
+                        z[a] += kf(j, a);
+                        for b in 0..vd {
+                            s[a * vd + b] += kf(j, a) * vv(j, b);
+                        }
+                    }
+                }
+            }
+            for t in 0..len {
+                if o.causal {
+                    for a in 0..kd {
+                        z[a] += kf(t, a);
+                        for b in 0..vd {
+                            s[a * vd + b] += kf(t, a) * vv(t, b);
+                        }
+                    }
+                }
+                let den: f64 = (0..kd).map(|a| qf(t, a) * z[a]).sum::<f64>() + 1e-10;
+                for b in 0..vd {
+                    let mut x: f64 = (0..kd).map(|a| qf(t, a) * s[a * vd + b]).sum();
+                    if o.normalize {
+                        x /= den;
+                    }
+                    out[((row0 + t) * h + hh) * vd + b] = x;
+                }
+            }
+            fkv[task * kd * vd..(task + 1) * kd * vd].copy_from_slice(&s);
+            fz[task * kd..(task + 1) * kd].copy_from_slice(&z);
+        }
+    }
+    (out, fkv, fz)
+}
+
+fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}
+
+struct Case {
+    d: LinearDims,
+    o: LinearOpts,
+    cu: Option<Vec<i64>>,
+    init: bool,
+}
+
+fn cases() -> Vec<Case> {
+    let mut out = vec![];
+    for &(b, t, h, kd, vd) in &[
+        (1, 1, 1, 3, 2),
+        (2, 5, 2, 4, 3),
+        (1, 70, 1, 5, 33),
+        (1, 130, 2, 33, 7),
+    ] {
+        for causal in [true, false] {
+            for normalize in [true, false] {
+                for fm in [FeatureMap::Identity, FeatureMap::Elu1, FeatureMap::Relu] {
+                    let d = LinearDims {
+                        batch: b,
+                        seq_len: t,
+                        heads: h,
+                        head_dim: kd,
+                        v_head_dim: vd,
+                    };
+                    let o = LinearOpts {
+                        scale: 0.7,
+                        causal,
+                        normalize,
+                        feature_map: fm,
+                    };
+                    out.push(Case {
+                        d,
+                        o,
+                        cu: None,
+                        init: causal,
+                    });
+                    if b == 1 && t > 10 && causal {
+                        out.push(Case {
+                            d,
+                            o,
+                            cu: Some(vec![0, 3, 3, t as i64 - 4, t as i64]),
+                            init: true,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn forward_matches_naive_every_level() {
+    let mut seed = 3u64;
+    for level in crate::simd::available() {
+        crate::simd::force(Some(level)).unwrap();
+        for c in cases() {
+            let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
+            let rows = c.d.batch * c.d.seq_len;
+            let n = sequences(c.d.batch, c.d.seq_len, c.cu.as_deref())
+                .unwrap()
+                .len();
+            // Positive feature values keep the normaliser away from zero.
+            let shift = if c.o.normalize { 1.5 } else { 0.0 };
+            let q: Vec<f64> = rand(rows * h * kd, &mut seed)
+                .iter()
+                .map(|x| x + shift)
+                .collect();
+            let k: Vec<f64> = rand(rows * h * kd, &mut seed)
+                .iter()
+                .map(|x| x + shift)
+                .collect();
+            let v = rand(rows * h * vd, &mut seed);
+            let s0 = rand(n * h * kd * vd, &mut seed);
+            let z0: Vec<f64> = rand(n * h * kd, &mut seed)
+                .iter()
+                .map(|x| x.abs())
+                .collect();
+            let (s0, z0) = if c.init {
+                (Some(&s0[..]), Some(&z0[..]))
+            } else {
+                (None, None)
+            };
+            let want = naive(&c.d, &c.o, c.cu.as_deref(), &q, &k, &v, s0, z0);
+            let mut out = vec![0.0; rows * h * vd];
+            let mut fkv = vec![0.0; n * h * kd * vd];
+            let mut fz = vec![0.0; n * h * kd];
+            forward(
+                &c.d,
+                &c.o,
+                c.cu.as_deref(),
+                &q,
+                &k,
+                &v,
+                s0,
+                z0,
+                &mut out,
+                &mut fkv,
+                &mut fz,
+            )
+            .unwrap();
+            close(&out, &want.0, 1e-9, "out");
+            close(&fkv, &want.1, 1e-9, "final_kv");
+            close(&fz, &want.2, 1e-9, "final_z");
+            // f32 path.
+            let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+            let (s0f, z0f) = (s0.map(f), z0.map(f));
+            let mut out32 = vec![0f32; rows * h * vd];
+            forward(
+                &c.d,
+                &c.o,
+                c.cu.as_deref(),
+                &f(&q),
+                &f(&k),
+                &f(&v),
+                s0f.as_deref(),
+                z0f.as_deref(),
+                &mut out32,
+                &mut [],
+                &mut [],
+            )
+            .unwrap();
+            let out32: Vec<f64> = out32.iter().map(|&x| x as f64).collect();
+            close(&out32, &want.0, 2e-4, "out f32");
+        }
+    }
+    crate::simd::force(None).unwrap();
+}
+
+/// Backward against central finite differences of a random projection of all outputs.
+#[test]
+fn backward_matches_finite_differences() {
+    let mut seed = 5u64;
+    for level in crate::simd::available() {
+        crate::simd::force(Some(level)).unwrap();
+        for c in cases()
+            .into_iter()
+            .filter(|c| c.d.seq_len <= 70 && c.d.head_dim <= 5)
+        {
+            let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
+            let rows = c.d.batch * c.d.seq_len;
+            let n = sequences(c.d.batch, c.d.seq_len, c.cu.as_deref())
+                .unwrap()
+                .len();
+            let shift = if c.o.normalize { 1.5 } else { 0.0 };
+            let q: Vec<f64> = rand(rows * h * kd, &mut seed)
+                .iter()
+                .map(|x| x + shift)
+                .collect();
+            let k: Vec<f64> = rand(rows * h * kd, &mut seed)
+                .iter()
+                .map(|x| x + shift)
+                .collect();
+            let v = rand(rows * h * vd, &mut seed);
+            let s0 = rand(n * h * kd * vd, &mut seed);
+            let z0: Vec<f64> = rand(n * h * kd, &mut seed)
+                .iter()
+                .map(|x| x.abs())
+                .collect();
+            let go = rand(rows * h * vd, &mut seed);
+            let gs = rand(n * h * kd * vd, &mut seed);
+            let gz = rand(n * h * kd, &mut seed);
+            let init = c.init;
+            let loss = |q: &[f64], k: &[f64], v: &[f64], s0: &[f64], z0: &[f64]| -> f64 {
+                let (s0, z0) = if init {
+                    (Some(s0), Some(z0))
+                } else {
+                    (None, None)
+                };
+                let (o, s, z) = naive(&c.d, &c.o, c.cu.as_deref(), q, k, v, s0, z0);
+                let mut l: f64 = o.iter().zip(&go).map(|(a, b)| a * b).sum();
+                if init {
+                    l += s.iter().zip(&gs).map(|(a, b)| a * b).sum::<f64>();
+                    l += z.iter().zip(&gz).map(|(a, b)| a * b).sum::<f64>();
+                }
+                l
+            };
+            let mut dq = vec![0.0; q.len()];
+            let mut dk = vec![0.0; k.len()];
+            let mut dv = vec![0.0; v.len()];
+            let mut ds0 = vec![0.0; if init { s0.len() } else { 0 }];
+            let mut dz0 = vec![0.0; if init { z0.len() } else { 0 }];
+            let (s0o, z0o, gso, gzo) = if init {
+                (Some(&s0[..]), Some(&z0[..]), Some(&gs[..]), Some(&gz[..]))
+            } else {
+                (None, None, None, None)
+            };
+            backward(
+                &c.d,
+                &c.o,
+                c.cu.as_deref(),
+                &q,
+                &k,
+                &v,
+                s0o,
+                z0o,
+                &go,
+                gso,
+                gzo,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &mut ds0,
+                &mut dz0,
+            )
+            .unwrap();
+            let eps = 1e-6;
+            let mut args = [q.clone(), k.clone(), v.clone(), s0.clone(), z0.clone()];
+            let grads = [&dq, &dk, &dv, &ds0, &dz0];
+            for which in 0..5 {
+                if which >= 3 && !init {
+                    continue;
+                }
+                for i in (0..args[which].len()).step_by(7) {
+                    let x = args[which][i];
+                    args[which][i] = x + eps;
+                    let lp = loss(&args[0], &args[1], &args[2], &args[3], &args[4]);
+                    args[which][i] = x - eps;
+                    let lm = loss(&args[0], &args[1], &args[2], &args[3], &args[4]);
+                    args[which][i] = x;
+                    let fd = (lp - lm) / (2.0 * eps);
+                    let got = grads[which][i];
+                    assert!(
+                        (got - fd).abs() <= 1e-5 * (1.0 + fd.abs()),
+                        "{level:?} arg {which}[{i}] causal={} norm={} fm={:?} cu={:?}: {got} vs {fd}",
+                        c.o.causal,
+                        c.o.normalize,
+                        c.o.feature_map,
+                        c.cu
+                    );
+                }
+            }
+        }
+    }
+    crate::simd::force(None).unwrap();
+}
