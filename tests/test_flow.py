@@ -1,5 +1,5 @@
-"""Flow-Attention (SPEC §4): outputs and gradients against a plain-PyTorch transcription of
-Flowformer's modules (``fastattn.reference.flow`` when present), at every SIMD level; half
+"""Flow-Attention (SPEC §4): outputs and gradients against a plain-PyTorch oracle
+(``fastattn.reference.flow``), at every SIMD level; half
 types; gradcheck; Flowformer module parity."""
 
 import pytest
@@ -8,44 +8,9 @@ import torch
 import fastattn
 from fastattn.nn import FlowAttention, FlowAttentionCausal
 
-try:  # the shared oracle, once it lands
-    from fastattn.reference.flow import flow_attention as _shared_ref_flow
-except ImportError:  # pragma: no cover
-    _shared_ref_flow = None
-
-
-def local_ref_flow(q, k, v, causal=False, eps=1e-6):
-    """Flowformer's math, heads-last, written from SPEC §4 (causal via explicit cumsums)."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    q, k = torch.sigmoid(q), torch.sigmoid(k)
-    n, m = q.shape[2], k.shape[2]
-    if not causal:
-        inc = 1.0 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(2) + eps)
-        out_ = 1.0 / torch.einsum("bhld,bhd->bhl", k + eps, q.sum(2) + eps)
-        sink = torch.einsum("bhld,bhd->bhl", q + eps, (k * out_[..., None]).sum(2) + eps)
-        src = torch.einsum("bhld,bhd->bhl", k + eps, (q * inc[..., None]).sum(2) + eps).clamp(-1, 1)
-        alloc = torch.sigmoid(sink * (n / m))
-        comp = torch.softmax(src, dim=-1) * m
-        kv = torch.einsum("bhld,bhlm->bhdm", k, v * comp[..., None])
-        x = torch.einsum("bhld,bhdm->bhlm", q * inc[..., None], kv) * alloc[..., None]
-    else:
-        t = torch.arange(1, n + 1, dtype=q.dtype)[None, None, :]
-        inc = 1.0 / torch.einsum("bhld,bhld->bhl", q + eps, k.cumsum(2) + eps)
-        out_ = 1.0 / torch.einsum("bhld,bhld->bhl", k + eps, q.cumsum(2) + eps)
-        sink = torch.einsum("bhld,bhld->bhl", q + eps, (k * (out_ * t)[..., None]).cumsum(2) + eps) / t
-        src = (torch.einsum("bhld,bhld->bhl", k + eps, (q * (inc * t)[..., None]).cumsum(2) + eps) / t).clamp(-1, 1)
-        alloc = torch.sigmoid(sink)
-        e = torch.exp(src)
-        comp = e / e.cumsum(-1) * t
-        kv = torch.einsum("bhld,bhlm->bhldm", k, v * comp[..., None]).cumsum(2)
-        x = torch.einsum("bhld,bhldm->bhlm", q * inc[..., None], kv) * alloc[..., None]
-    return x.transpose(1, 2)
-
-
-def ref_flow(q, k, v, causal=False, eps=1e-6):
-    if _shared_ref_flow is not None:
-        return _shared_ref_flow(q, k, v, causal=causal, eps=eps)
-    return local_ref_flow(q, k, v, causal, eps)
+from fastattn.reference import FlowAttention as RefFlowAttention
+from fastattn.reference import FlowAttentionCausal as RefFlowAttentionCausal
+from fastattn.reference import flow_attention as ref_flow
 
 
 SHAPES = [  # (B, Tq, Tk, H, D, Dv)
@@ -134,32 +99,9 @@ def test_clamp_region_gradients():
             torch.testing.assert_close(a, b)
 
 
-class _OriginalFlow(torch.nn.Module):
-    """Flowformer's module layout (projections, [B,H,L,D] transposes, dropout after the output
-    projection) around the local oracle, for state_dict parity."""
-
-    def __init__(self, d_input, d_model, d_output, n_heads, drop_out=0.05, eps=1e-6, causal=False):
-        super().__init__()
-        self.n_heads, self.eps, self.causal = n_heads, eps, causal
-        self.query_projection = torch.nn.Linear(d_input, d_model)
-        self.key_projection = torch.nn.Linear(d_input, d_model)
-        self.value_projection = torch.nn.Linear(d_input, d_model)
-        self.out_projection = torch.nn.Linear(d_model, d_output)
-        self.dropout = torch.nn.Dropout(drop_out)
-
-    def forward(self, queries, keys, values):
-        b, l, _ = queries.shape
-        s = keys.shape[1]
-        q = self.query_projection(queries).view(b, l, self.n_heads, -1)
-        k = self.key_projection(keys).view(b, s, self.n_heads, -1)
-        v = self.value_projection(values).view(b, s, self.n_heads, -1)
-        x = local_ref_flow(q, k, v, self.causal, self.eps).reshape(b, l, -1)
-        return self.dropout(self.out_projection(x))
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_modules_load_flowformer_state_dict(causal):
-    orig = _OriginalFlow(10, 16, 12, 4, causal=causal).double().eval()
+    orig = (RefFlowAttentionCausal if causal else RefFlowAttention)(10, 16, 12, 4).double().eval()
     cls = FlowAttentionCausal if causal else FlowAttention
     ours = cls(10, 16, 12, 4).double().eval()
     ours.load_state_dict(orig.state_dict())

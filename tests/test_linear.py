@@ -1,5 +1,5 @@
 """Linear attention (SPEC §5): outputs, final states and gradients against a plain-PyTorch
-oracle (``fastattn.reference.linear`` when present) at every SIMD level, fla's naive
+oracle (``fastattn.reference.linear``) at every SIMD level, fla's naive
 reference, split-and-resume, half types and gradcheck."""
 
 import pytest
@@ -7,62 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-
-try:  # the shared oracle, once it lands
-    from fastattn.reference.linear import linear_attention as _shared_ref_linear
-except ImportError:  # pragma: no cover
-    _shared_ref_linear = None
-
-FMAPS = {None: lambda x: x, "identity": lambda x: x, "elu1": lambda x: F.elu(x) + 1, "relu": F.relu}
-
-
-def local_ref_linear(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
-                     cu_seqlens=None, causal=True, feature_map=None):
-    """SPEC §5 in plain PyTorch (states as explicit cumulative sums)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    fm = FMAPS[feature_map]
-    if isinstance(initial_state, tuple):
-        kv0, z0 = initial_state
-    else:
-        kv0, z0 = initial_state, None
-    b, t = q.shape[:2]
-    if cu_seqlens is None:
-        segs = [(i, 0, t) for i in range(b)]
-    else:
-        cu = cu_seqlens.tolist()
-        segs = [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
-    outs, kvs, zs = [], [], []
-    for n, (bi, s, e) in enumerate(segs):
-        qf, kf, vv = fm(q[bi, s:e]) * scale, fm(k[bi, s:e]), v[bi, s:e]
-        h, kd, vd = q.shape[2], q.shape[3], v.shape[3]
-        a = torch.zeros(h, kd, vd, dtype=q.dtype) if kv0 is None else kv0[n].to(q.dtype)
-        zz = torch.zeros(h, kd, dtype=q.dtype) if z0 is None else z0[n, 0].to(q.dtype)
-        outer = torch.einsum("lhk,lhv->lhkv", kf, vv)
-        if causal:
-            kvc = outer.cumsum(0) + a
-            zc = kf.cumsum(0) + zz
-        else:
-            kvc = outer.sum(0, keepdim=True) + a
-            zc = kf.sum(0, keepdim=True) + zz
-        o = torch.einsum("lhk,lhkv->lhv", qf, kvc)
-        if normalize:
-            o = o / ((qf * zc).sum(-1, keepdim=True) + 1e-10)
-        outs.append(o)
-        kvs.append(kvc[-1] if e > s else a)
-        zs.append(zc[-1] if e > s else zz)
-    o = torch.cat(outs, 0)[None] if cu_seqlens is not None else torch.stack(outs)
-    kv = torch.stack(kvs)
-    z = torch.stack(zs)[:, None]
-    if not causal:
-        return o, None
-    kv = kv if output_final_state else None
-    return (o, (kv, z)) if normalize else (o, kv)
-
-
-def ref_linear(*args, **kwargs):
-    if _shared_ref_linear is not None:
-        return _shared_ref_linear(*args, **kwargs)
-    return local_ref_linear(*args, **kwargs)
+from fastattn.reference import linear_attention as ref_linear
 
 
 def _inputs(b, t, h, kd, vd, dtype, positive):
