@@ -23,5 +23,13 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-maturin develop --release -q 2>&1 | grep -vE '^(📦|✏️|🛠|🔗|🐍)' || true
+# Build quietly; show the whole log only if the build fails.
+log=$(mktemp)
+if ! maturin develop --release -q >"$log" 2>&1; then
+  cat "$log" >&2
+  rm -f "$log"
+  echo "building fastattn failed" >&2
+  exit 1
+fi
+rm -f "$log"
 python -c "import fastattn" # fail here, loudly, if the build did not install
