@@ -93,3 +93,14 @@ def test_modules_follow_flowformer(cls):
     m.dropout.p = 1.0
     m.train()
     assert torch.all(m(x, x, x) == 0)
+
+
+def test_causal_equals_non_causal_where_the_prefix_is_the_whole_sequence():
+    # With one token every prefix sum is the full sum, t = n = m = 1, the causal allocation's
+    # missing n/m factor is 1 and both competitions are 1: the two forms must agree.
+    q, k, v = (torch.randn(3, 1, 2, 4, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(flow_attention(q, k, v, causal=True), flow_attention(q, k, v, causal=False))
+    # With more tokens they differ (position weights t and the prefix softmax), so the
+    # causal form is not the non-causal one in disguise.
+    q, k, v = (torch.randn(1, 5, 2, 4, dtype=torch.float64) for _ in range(3))
+    assert not torch.allclose(flow_attention(q, k, v, causal=True), flow_attention(q, k, v, causal=False))
