@@ -18,6 +18,7 @@ pub mod error;
 pub mod flow;
 pub mod gemm;
 pub mod linear;
+pub mod neighborhood;
 pub mod per_thread;
 pub mod simd;
 

@@ -1,0 +1,96 @@
+//! fp32 neighborhood-attention timings for the shapes the issue tracks.
+//!
+//! `RAYON_NUM_THREADS=2 cargo run --release -p fastattn-kernels --example bench_neighborhood`
+//! Prints the best of several runs. Useful FLOPs of a forward: `4·B·H·N·prod(k)·D`; the
+//! forward+backward figure counts 3.5× that (2 GEMMs forward, 5 backward).
+
+use fastattn_kernels::neighborhood::{backward, forward, NaDims, NaParams};
+use std::time::Instant;
+
+fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[allow(clippy::type_complexity)]
+fn main() {
+    let reps: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5);
+    println!(
+        "threads={} simd={:?}",
+        rayon::current_num_threads(),
+        fastattn_kernels::simd::active()
+    );
+    // (name, batch, spatial, heads, d, kernel, dilation)
+    let shapes: &[(&str, usize, &[usize], usize, usize, usize, usize)] = &[
+        ("na1d L=4096 k=63 D=64", 1, &[4096], 4, 64, 63, 1),
+        ("na2d 64x64 k=13 D=64", 1, &[64, 64], 4, 64, 13, 1),
+        ("na2d 56x56 k=7 D=32", 1, &[56, 56], 4, 32, 7, 1),
+        ("na2d 128x128 k=7 d=2 D=32 B=2", 2, &[128, 128], 4, 32, 7, 2),
+    ];
+    println!(
+        "{:<32} {:>9} {:>9} {:>11} {:>9}",
+        "shape", "fwd ms", "GFLOP/s", "fwd+bwd ms", "GFLOP/s"
+    );
+    for &(name, b, sp, h, d, k, dil) in shapes {
+        let r = sp.len();
+        let dims = NaDims::new(b, sp, h, h, d, d, 0);
+        let params = NaParams::new(
+            &vec![k; r],
+            &vec![1; r],
+            &vec![dil; r],
+            &vec![false; r],
+            1.0 / (d as f64).sqrt(),
+        );
+        let n: usize = sp.iter().product();
+        let len = b * n * h * d;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let (q, kk, v, dout) = (x.clone(), x.clone(), x.clone(), x.clone());
+        let mut out = vec![0f32; len];
+        let mut lse = vec![0f32; b * n * h];
+        let (mut dq, mut dk, mut dv) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+        let flops = 4.0 * (b * h * n * k.pow(r as u32) * d) as f64;
+        let f_ms = best_ms(reps, || {
+            forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap()
+        });
+        let fb_ms = best_ms(reps, || {
+            forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap();
+            backward(
+                &dims,
+                &params,
+                &q,
+                &kk,
+                &v,
+                &[],
+                &[],
+                &out,
+                &dout,
+                &lse,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &mut [],
+                &mut [],
+            )
+            .unwrap()
+        });
+        println!(
+            "{:<32} {:>9.2} {:>9.1} {:>11.2} {:>9.1}",
+            name,
+            f_ms,
+            flops / f_ms / 1e6,
+            fb_ms,
+            3.5 * flops / fb_ms / 1e6
+        );
+    }
+}
