@@ -28,3 +28,25 @@ def simd_level(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _compiled_matches_eager(f, args, backend):
+    """``torch.compile(f, fullgraph=True)`` gives the eager value and gradients (a graph
+    break would raise under fullgraph)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled(*args)
+    got.backward()
+    grads = [x.grad.clone() for x in args]
+    for x in args:
+        x.grad = None
+    want = f(*args)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for g, x in zip(grads, args):
+        torch.testing.assert_close(g, x.grad)
+
+
+@pytest.fixture
+def compiled_matches_eager():
+    return _compiled_matches_eager

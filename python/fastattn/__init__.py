@@ -1,6 +1,7 @@
 """fastattn: efficient attention ops with Rust SIMD CPU kernels.
 
-Families: dense flash-style attention (:func:`attention`), plus the plain PyTorch oracles of
+Families: dense flash-style attention (:func:`attention`), neighborhood attention
+(:func:`na1d` / :func:`na2d` / :func:`na3d`), linear and flow attention, plus the plain PyTorch oracles of
 every op in :mod:`fastattn.reference`. Kernels run on ``torch.get_num_threads()`` threads (or
 ``FASTATTN_NUM_THREADS``); :func:`set_simd_level` caps runtime SIMD dispatch.
 """
@@ -10,6 +11,7 @@ from ._native import num_threads, release_memory, set_simd_level, simd_level, si
 from .attention import AttentionFunction, attention
 from .flow import FlowAttentionFunction, flow_attention
 from .linear import LinearAttentionFunction, linear_attention
+from .neighborhood import NeighborhoodAttentionFunction, na1d, na2d, na3d, neighborhood_attention
 from . import nn  # noqa: E402  (after the ops it wraps)
 
 __version__ = "0.1.0"
@@ -21,6 +23,11 @@ __all__ = [
     "FlowAttentionFunction",
     "linear_attention",
     "LinearAttentionFunction",
+    "na1d",
+    "na2d",
+    "na3d",
+    "neighborhood_attention",
+    "NeighborhoodAttentionFunction",
     "nn",
     "autograd",
     "numpy",

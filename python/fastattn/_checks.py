@@ -70,3 +70,87 @@ def attention_dims(
             f"{nq} heads ({hq}) must be a multiple of {nk}/{nv} heads ({hkv}) for GQA/MQA"
         )
     return b, tq, tk, hq, hkv, d, dv
+
+
+def _per_dim(name, value, rank, kind=int):
+    if isinstance(value, (tuple, list)):
+        if len(value) != rank:
+            raise ValueError(f"{name} has {len(value)} entries but the input has {rank} spatial dims")
+        values = tuple(value)
+    else:
+        values = (value,) * rank
+    for x in values:
+        if kind is bool and not isinstance(x, bool):
+            raise ValueError(f"{name} must be a bool or a tuple of bools, got {value!r}")
+        if kind is int and (isinstance(x, bool) or not isinstance(x, int)):
+            raise ValueError(f"{name} must be an int or a tuple of ints, got {value!r}")
+    return values
+
+
+def na_arguments(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False):
+    """Normalises neighborhood-attention window arguments to per-dimension tuples
+    ``(kernel_size, stride, dilation, is_causal)``; raises ValueError, naming the argument,
+    for what NATTEN rejects (SPEC §1)."""
+    rank = len(spatial_shape)
+    ks = _per_dim("kernel_size", kernel_size, rank)
+    ss = _per_dim("stride", stride, rank)
+    ds = _per_dim("dilation", dilation, rank)
+    cs = _per_dim("is_causal", is_causal, rank, bool)
+    for dim, (length, k, s, d) in enumerate(zip(spatial_shape, ks, ss, ds)):
+        if k < 2:
+            raise ValueError(f"kernel_size must be >= 2, got {k} on dim {dim}")
+        if d < 1:
+            raise ValueError(f"dilation must be >= 1, got {d} on dim {dim}")
+        if s < 1 or s > k:
+            raise ValueError(f"stride must be in [1, kernel_size], got {s} (kernel_size {k}) on dim {dim}")
+        if k * d > length:
+            raise ValueError(
+                f"kernel_size * dilation ({k} * {d}) exceeds the input size {length} on dim {dim}"
+            )
+    return ks, ss, ds, cs
+
+
+def na_dims(q_shape, k_shape, v_shape, ak_shape=None, av_shape=None, rank=None):
+    """Validates neighborhood-attention shapes (``[B, *spatial, H, D]``, 1-3 spatial dims,
+    optional additional keys/values ``[B, n, H_kv, D]`` / ``[B, n, H_kv, Dv]``) and returns
+    ``(batch, spatial, q_heads, kv_heads, head_dim, v_head_dim, n_additional)``."""
+    layout = "[batch, *spatial, heads, head_dim]"
+    if rank is not None and len(q_shape) != rank + 3:
+        raise ValueError(
+            f"query must be {rank + 3}-D [batch, {rank} spatial dims, heads, head_dim], got shape {tuple(q_shape)}"
+        )
+    if not 4 <= len(q_shape) <= 6:
+        raise ValueError(f"query must be {layout} with 1-3 spatial dims, got shape {tuple(q_shape)}")
+    for name, shape in (("key", k_shape), ("value", v_shape)):
+        if len(shape) != len(q_shape):
+            raise ValueError(f"{name} must have the rank of query ({len(q_shape)}), got shape {tuple(shape)}")
+        if tuple(shape[:-2]) != tuple(q_shape[:-2]):
+            raise ValueError(
+                f"{name} batch/spatial shape {tuple(shape[:-2])} differs from query's {tuple(q_shape[:-2])}"
+            )
+    b, *spatial, hq, d = q_shape
+    hkv, dk = k_shape[-2:]
+    hv, dv = v_shape[-2:]
+    if dk != d:
+        raise ValueError(f"key head_dim {dk} differs from query head_dim {d}")
+    if hv != hkv:
+        raise ValueError(f"key and value head counts differ: key {hkv}, value {hv}")
+    if d == 0 or dv == 0:
+        raise ValueError("head dims must be positive")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
+    n_add = 0
+    if (ak_shape is None) != (av_shape is None):
+        raise ValueError("additional_keys and additional_values must be given together")
+    if ak_shape is not None:
+        for name, shape, hd in (("additional_keys", ak_shape, d), ("additional_values", av_shape, dv)):
+            if len(shape) != 4 or shape[0] != b or shape[2] != hkv or shape[3] != hd:
+                raise ValueError(
+                    f"{name} must be [batch, n, kv_heads, head_dim] = [{b}, n, {hkv}, {hd}], got {tuple(shape)}"
+                )
+        if ak_shape[1] != av_shape[1]:
+            raise ValueError(
+                f"additional_keys and additional_values lengths differ: {ak_shape[1]} vs {av_shape[1]}"
+            )
+        n_add = ak_shape[1]
+    return b, list(spatial), hq, hkv, d, dv, n_add

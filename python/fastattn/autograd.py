@@ -4,5 +4,6 @@ Function classes."""
 from .attention import AttentionFunction
 from .flow import FlowAttentionFunction
 from .linear import LinearAttentionFunction
+from .neighborhood import NeighborhoodAttentionFunction
 
-__all__ = ["AttentionFunction", "FlowAttentionFunction", "LinearAttentionFunction"]
+__all__ = ["AttentionFunction", "FlowAttentionFunction", "LinearAttentionFunction", "NeighborhoodAttentionFunction"]

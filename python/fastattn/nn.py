@@ -5,6 +5,8 @@
   keys, values)`` on ``[B, L or S, d_input]`` inputs, so their ``state_dict`` loads as is and
   gives the same output (dropout after the output projection only).
 * :class:`LinearAttention`: projections + feature map + :func:`fastattn.linear_attention`.
+* :class:`NeighborhoodAttention1D` / ``2D`` / ``3D``: NATTEN's modules of the same names, with
+  its constructor and its ``qkv`` / ``proj`` layers, so a NATTEN ``state_dict`` loads as is.
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ import torch
 from torch import nn
 
 from .flow import flow_attention
+from . import _checks
 from .linear import FEATURE_MAPS, linear_attention
+from .neighborhood import neighborhood_attention
 
-__all__ = ["FlowAttention", "FlowAttentionCausal", "LinearAttention"]
+__all__ = [
+    "FlowAttention",
+    "FlowAttentionCausal",
+    "LinearAttention",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+]
 
 
 class _FlowBase(nn.Module):
@@ -123,3 +134,84 @@ class LinearAttention(nn.Module):
             normalize=self.normalize, cu_seqlens=cu_seqlens, causal=self.causal, feature_map=self.feature_map,
         )
         return self.dropout(self.o_proj(o.reshape(b, t, -1))), state
+
+
+class _NeighborhoodAttention(nn.Module):
+    na_dim = 0
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kernel_size,
+        stride=1,
+        dilation=1,
+        is_causal=False,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        r = self.na_dim
+        # Per-dimension checks that need no input size (NATTEN checks these here too).
+        self.kernel_size = _checks._per_dim("kernel_size", kernel_size, r)
+        self.stride = _checks._per_dim("stride", stride, r)
+        self.dilation = _checks._per_dim("dilation", dilation, r)
+        self.is_causal = _checks._per_dim("is_causal", is_causal, r, bool)
+        _checks.na_arguments(
+            [k * d for k, d in zip(self.kernel_size, self.dilation)],
+            self.kernel_size, self.stride, self.dilation, self.is_causal,
+        )
+        if num_heads <= 0 or embed_dim % num_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must evenly divide embed_dim ({embed_dim})")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        # `or`, as NATTEN writes it: a qk_scale of 0 also means the default.
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, *spatial, embed_dim]`` → same shape."""
+        r = self.na_dim
+        if x.dim() != r + 2:
+            raise ValueError(f"{type(self).__name__} expects x of rank {r + 2} [B, {r} spatial dims, C], got {x.dim()}")
+        b, *spatial, c = x.shape
+        if c != self.embed_dim:
+            raise ValueError(f"x has {c} channels but embed_dim is {self.embed_dim}")
+        qkv = self.qkv(x).reshape(b, *spatial, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=r + 1)
+        y = neighborhood_attention(
+            q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, self.scale
+        )
+        return self.proj_drop(self.proj(y.reshape(b, *spatial, c)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, dilation={self.dilation}, is_causal={self.is_causal}"
+        )
+
+
+_NA_DOC = """NATTEN's ``NeighborhoodAttention{r}D`` on fastattn's kernel.
+
+``NeighborhoodAttention{r}D(embed_dim, num_heads, kernel_size, stride=1, dilation=1,
+is_causal=False, qkv_bias=True, qk_scale=None, proj_drop=0.0)``; ``forward(x)`` on
+``[B, *{r} spatial dims, embed_dim]``. Layers ``qkv`` (``embed_dim → 3·embed_dim``, bias per
+``qkv_bias``) and ``proj`` (``embed_dim → embed_dim``), dropout after ``proj``."""
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttention):
+    __doc__ = _NA_DOC.format(r=1)
+    na_dim = 1
+
+
+class NeighborhoodAttention2D(_NeighborhoodAttention):
+    __doc__ = _NA_DOC.format(r=2)
+    na_dim = 2
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+    __doc__ = _NA_DOC.format(r=3)
+    na_dim = 3

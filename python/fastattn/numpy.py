@@ -19,6 +19,8 @@ __all__ = [
     "flow_attention_backward",
     "linear_attention",
     "linear_attention_backward",
+    "neighborhood_attention",
+    "neighborhood_attention_backward",
 ]
 
 _NP_DTYPES = ("float32", "float64", "float16")
@@ -202,3 +204,69 @@ def flow_attention_backward(dout, q, k, v, causal=False, eps=1e-6):
     lib.flow_attention_backward(q.dtype.name, dims, causal, eps, num_threads(),
                                 _buf(q), _buf(k), _buf(v), _buf(dout), _buf(dq), _buf(dk), _buf(dv_))
     return dq, dk, dv_
+
+
+# --- neighborhood attention --------------------------------------------------------------
+
+
+def _na_args(query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values):
+    extra = {}
+    if additional_keys is not None:
+        extra["additional_keys"] = additional_keys
+    if additional_values is not None:
+        extra["additional_values"] = additional_values
+    arrays = _arrays(query=query, key=key, value=value, **extra)
+    q, k, v = arrays[:3]
+    ak, av = arrays[3:] if len(arrays) == 5 else (None, None)
+    dims = _checks.na_dims(
+        q.shape, k.shape, v.shape,
+        None if additional_keys is None else additional_keys.shape,
+        None if additional_values is None else additional_values.shape,
+    )
+    b, spatial, _, hkv, d, dv, _ = dims
+    if ak is None:
+        ak = np.empty((b, 0, hkv, d), dtype=q.dtype)
+        av = np.empty((b, 0, hkv, dv), dtype=q.dtype)
+    ks, ss, ds, cs = _checks.na_arguments(spatial, kernel_size, stride, dilation, is_causal)
+    params = (list(ks), list(ss), list(ds), list(cs), _checks.check_scale(scale, d**-0.5))
+    return q, k, v, ak, av, dims, params
+
+
+def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                           additional_keys=None, additional_values=None, return_lse=False):
+    """Neighborhood attention on ``[B, *spatial, H, D]`` arrays (1-3 spatial dims); see
+    :func:`fastattn.neighborhood_attention`."""
+    q, k, v, ak, av, dims, params = _na_args(query, key, value, kernel_size, stride, dilation, is_causal,
+                                             scale, additional_keys, additional_values)
+    out = np.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype)
+    lse = np.empty(q.shape[:-1], dtype=_acc(q.dtype))
+    lib.na_forward(q.dtype.name, dims, params, num_threads(),
+                   _buf(q), _buf(k), _buf(v), _buf(ak), _buf(av), _buf(out), _buf(lse))
+    return (out, lse) if return_lse else out
+
+
+def neighborhood_attention_backward(dout, query, key, value, out, lse, kernel_size, stride=1, dilation=1,
+                                    is_causal=False, scale=None, additional_keys=None, additional_values=None):
+    """Gradients ``(dq, dk, dv, d_additional_keys, d_additional_values)`` of
+    :func:`neighborhood_attention` given ``dout`` and the forward's ``out`` and ``lse``
+    (``return_lse=True``); the last two are ``None`` without additional keys/values."""
+    q, k, v, ak, av, dims, params = _na_args(query, key, value, kernel_size, stride, dilation, is_causal,
+                                             scale, additional_keys, additional_values)
+    dout, out = _arrays(dout=dout, out=out)
+    if out.dtype != q.dtype:
+        raise TypeError(f"out has dtype {out.dtype.name} but query has {q.dtype.name}; they must match")
+    shape = (*q.shape[:-1], v.shape[-1])
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if dout.shape != shape:
+        raise ValueError(f"dout must have shape {shape}, got {dout.shape}")
+    if not isinstance(lse, np.ndarray) or lse.shape != q.shape[:-1] or lse.dtype != _acc(q.dtype):
+        raise ValueError(f"lse must be a {_acc(q.dtype).name} array of shape {q.shape[:-1]}")
+    lse = np.ascontiguousarray(lse)
+    grads = tuple(np.empty_like(a) for a in (q, k, v, ak, av))
+    lib.na_backward(q.dtype.name, dims, params, num_threads(),
+                    _buf(q), _buf(k), _buf(v), _buf(ak), _buf(av), _buf(out), _buf(dout), _buf(lse),
+                    tuple(_buf(g) for g in grads))
+    if additional_keys is None:
+        return grads[:3] + (None, None)
+    return grads

@@ -6,20 +6,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _per_dim(name, value, rank, kind=int):
-    if isinstance(value, (tuple, list)):
-        if len(value) != rank:
-            raise ValueError(f"{name} has {len(value)} entries but the input has {rank} spatial dims")
-        values = tuple(value)
-    else:
-        values = (value,) * rank
-    for x in values:
-        if kind is bool and not isinstance(x, bool):
-            raise ValueError(f"{name} must be a bool or a tuple of bools, got {value!r}")
-        if kind is int and (isinstance(x, bool) or not isinstance(x, int)):
-            raise ValueError(f"{name} must be an int or a tuple of ints, got {value!r}")
-    return values
+from .._checks import na_arguments as check_arguments
 
 
 def na_window(i, length, kernel_size, stride=1, dilation=1, is_causal=False):
@@ -36,26 +23,6 @@ def na_window(i, length, kernel_size, stride=1, dilation=1, is_causal=False):
         start = max(0, min(leader - k // 2, n - k))
         end = start + k
     return [j * d + g for j in range(start, end)]
-
-
-def check_arguments(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False):
-    """Normalises the per-dimension arguments to tuples and raises ValueError, naming the
-    argument, for what NATTEN rejects."""
-    rank = len(spatial_shape)
-    ks = _per_dim("kernel_size", kernel_size, rank)
-    ss = _per_dim("stride", stride, rank)
-    ds = _per_dim("dilation", dilation, rank)
-    cs = _per_dim("is_causal", is_causal, rank, bool)
-    for dim, (L, k, s, d) in enumerate(zip(spatial_shape, ks, ss, ds)):
-        if k < 2:
-            raise ValueError(f"kernel_size must be >= 2, got {k} on dim {dim}")
-        if d < 1:
-            raise ValueError(f"dilation must be >= 1, got {d} on dim {dim}")
-        if s < 1 or s > k:
-            raise ValueError(f"stride must be in [1, kernel_size], got {s} (kernel_size {k}) on dim {dim}")
-        if k * d > L:
-            raise ValueError(f"kernel_size * dilation ({k} * {d}) exceeds the input size {L} on dim {dim}")
-    return ks, ss, ds, cs
 
 
 def neighborhood_mask(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False):

@@ -7,6 +7,7 @@ mod attention;
 mod buffers;
 mod flow;
 mod linear;
+mod neighborhood;
 mod runtime;
 
 use pyo3::prelude::*;
@@ -17,5 +18,6 @@ fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     attention::register(m)?;
     flow::register(m)?;
     linear::register(m)?;
+    neighborhood::register(m)?;
     Ok(())
 }
