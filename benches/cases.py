@@ -193,8 +193,108 @@ def flow_cases(ts=(1024, 4096, 16384), b=1, h=8, d=64, dtype=torch.float32) -> l
     return cases
 
 
+# --- neighborhood attention ----------------------------------------------------------------
+
+# (batch, spatial, heads, head_dim, kernel_size, dilation): the shapes issue 3 tracks.
+NA_SHAPES = [
+    (1, (4096,), 4, 64, 63, 1),
+    (1, (56, 56), 4, 32, 7, 1),
+    (1, (64, 64), 4, 64, 13, 1),
+    (2, (128, 128), 4, 32, 7, 2),
+    (1, (8, 16, 16), 4, 64, 3, 1),
+]
+# Peers that materialise the [B, H, N, N] score matrix (natten's CPU path, our plain
+# reference) run up to this many tokens (at 16384 that matrix alone is 8 GiB).
+_NA_DENSE_MAX_N = 8192
+# Reference backward keeps several such matrices alive.
+_NA_REF_BWD_MAX_N = 4096
+
+
+def _lazy(build):
+    """``build()`` on first use, then the cached value (so listing cases costs nothing)."""
+    cache = []
+
+    def get():
+        if not cache:
+            cache.append(build())
+        return cache[0]
+
+    return get
+
+
+def neighborhood_cases(shapes=None, dtype=torch.float32) -> list[Case]:
+    """Neighborhood attention (NATTEN semantics) vs natten's CPU forward, torch flex attention
+    compiled with a neighborhood block mask (forward only: flex has no CPU backward), SDPA
+    with the boolean neighborhood mask, and fastattn's plain reference."""
+    from fastattn.reference import neighborhood_attention as ref_na, neighborhood_mask
+
+    cases = []
+    for b, spatial, h, d, ks, dil in shapes or NA_SHAPES:
+        n = 1
+        for x in spatial:
+            n *= x
+        q, k, v = (torch.randn(b, *spatial, h, d, dtype=dtype) for _ in range(3))
+        qh, kh, vh = (x.reshape(b, n, h, d).transpose(1, 2).contiguous() for x in (q, k, v))
+        mask = _lazy(lambda spatial=spatial, ks=ks, dil=dil: neighborhood_mask(spatial, ks, 1, dil))
+
+        def ours(q, k, v, ks=ks, dil=dil):
+            return fastattn.neighborhood_attention(q, k, v, ks, dilation=dil)
+
+        def sdpa(q, k, v, mask=mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask())
+
+        def ref(q, k, v, ks=ks, dil=dil):
+            return ref_na(q, k, v, ks, dilation=dil)
+
+        name = "x".join(map(str, spatial))
+        shape = f"B{b} H{h} {name} D{d} k{ks}" + (f" d{dil}" if dil > 1 else "")
+        case = Case(f"na{len(spatial)}d", shape, 4.0 * b * h * n * ks ** len(spatial) * d, 2.5)
+        case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v, f=ours: f(q, k, v), _grad_of(ours, (q, k, v)))
+        if n <= _NA_DENSE_MAX_N:
+            case.impls["natten"] = Impl(_natten_forward(q, k, v, ks, dil))
+            case.impls["reference"] = Impl(
+                lambda q=q, k=k, v=v, f=ref: f(q, k, v),
+                _grad_of(ref, (q, k, v)) if n <= _NA_REF_BWD_MAX_N else None,
+            )
+        case.impls["flex_compiled"] = Impl(_flex_forward(qh, kh, vh, mask))
+        case.impls["torch_sdpa_mask"] = Impl(lambda q=qh, k=kh, v=vh, f=sdpa: f(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+        cases.append(case)
+    return cases
+
+
+def _natten_forward(q, k, v, ks, dil):
+    def run():
+        import natten
+
+        fn = {4: natten.na1d, 5: natten.na2d, 6: natten.na3d}[q.dim()]
+        with torch.no_grad():
+            return fn(q, k, v, kernel_size=ks, dilation=dil)
+
+    return run
+
+
+def _flex_forward(q, k, v, mask):
+    """Flex attention compiled (fullgraph) with the neighborhood as a block mask; the block
+    mask and the compilation are built in the (untimed) warm-up call."""
+    state = {}
+
+    def run():
+        if not state:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            dense = mask()
+            n = dense.shape[0]
+            state["mask"] = create_block_mask(lambda b, h, qi, ki: dense[qi, ki], None, None, n, n, device="cpu")
+            state["fn"] = torch.compile(flex_attention, fullgraph=True)
+        with torch.no_grad():
+            return state["fn"](q, k, v, block_mask=state["mask"])
+
+    return run
+
+
 FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "attention": attention_cases,
+    "neighborhood": neighborhood_cases,
     "linear": linear_cases,
     "flow": flow_cases,
 }
