@@ -19,6 +19,8 @@ use crate::per_thread::PerThread;
 use crate::simd::{self, Level};
 use rayon::prelude::*;
 
+mod full;
+
 /// Shapes: q `[batch, q_len, heads, head_dim]`, k `[batch, kv_len, heads, head_dim]`,
 /// v `[batch, kv_len, heads, v_head_dim]`.
 #[derive(Debug, Clone, Copy)]
@@ -451,8 +453,12 @@ pub fn forward<E: Element>(
     check_len("v", v, d.batch * m * h * dv)?;
     check_len("out", out, d.batch * n * h * dv)?;
     let level = simd::active();
-    let outp = SharedMut(out.as_mut_ptr());
     let e = E::Acc::from_f64(eps);
+    if !causal && n > 0 && m > 0 {
+        full::forward(level, d, e, q, k, v, out);
+        return Ok(());
+    }
+    let outp = SharedMut(out.as_mut_ptr());
     let per: PerThread<Scratch<E::Acc>> = PerThread::new();
     (0..d.batch * h).into_par_iter().for_each(|task| {
         let (b, hh) = (task / h, task % h);

@@ -194,3 +194,39 @@ fn backward_matches_finite_differences() {
     }
     crate::simd::force(None).unwrap();
 }
+
+/// Long non-causal sequences with fewer heads than threads take the sequence-split path
+/// (segments per thread, reductions between passes); uneven splits and Tq ≠ Tk included.
+#[test]
+fn forward_split_across_threads_matches_naive() {
+    let mut seed = 5u64;
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for &(n, m) in &[(1537, 1601), (3 * 512 * 2 + 1, 1031 * 3)] {
+            let d = FlowDims {
+                batch: 1,
+                q_len: n,
+                kv_len: m,
+                heads: 1,
+                head_dim: 8,
+                v_head_dim: 5,
+            };
+            let q = rand(n * 8, &mut seed, 2.0);
+            let k = rand(m * 8, &mut seed, 2.0);
+            let v = rand(m * 5, &mut seed, 1.0);
+            let want = naive(&d, false, 1e-6, &q, &k, &v);
+            let mut out = vec![0.0; want.len()];
+            pool.install(|| forward(&d, false, 1e-6, &q, &k, &v, &mut out))
+                .unwrap();
+            for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (x - y).abs() < 1e-10 * (1.0 + y.abs()),
+                    "{threads} {d:?} [{i}] {x} vs {y}"
+                );
+            }
+        }
+    }
+}

@@ -87,7 +87,13 @@ fn pack_t<A: Acc>(src: &[A], rs: usize, rows: usize, cols: usize, out: &mut Vec<
 
 /// Packs `X` itself as a GEMM `B`: panels over X's columns. Returns the panel stride
 /// (`rows · NR`).
-fn pack_n<A: Acc>(src: &[A], rs: usize, rows: usize, cols: usize, out: &mut Vec<A>) -> usize {
+pub(crate) fn pack_n<A: Acc>(
+    src: &[A],
+    rs: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut Vec<A>,
+) -> usize {
     out.resize(panels(cols) * rows * NR, A::ZERO);
     for p in 0..panels(cols) {
         let c0 = p * NR;
@@ -104,7 +110,7 @@ fn pack_n<A: Acc>(src: &[A], rs: usize, rows: usize, cols: usize, out: &mut Vec<
 /// `C[m × npanels·NR] (+)= A[m × k] · B`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn mm<A: Acc>(
+pub(crate) fn mm<A: Acc>(
     level: Level,
     m: usize,
     k: usize,

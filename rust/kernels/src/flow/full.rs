@@ -1,0 +1,400 @@
+//! Non-causal Flow-Attention forward, streamed over row segments.
+//!
+//! Every scalar of the non-causal form depends on whole-sequence sums, in a chain of
+//! three: `Σφ(k)`, `Σφ(q)` → the flows `I`, `O` and `Σ O φ(k)`, `Σ I φ(q)` → the competition
+//! `C` and the state `S = Σ φ(k) (C v)ᵀ` → the output. So the forward is four passes, each
+//! over one segment of rows per thread, carrying only `D`-vectors, `S` and one scalar per
+//! query row between them. A thread keeps its segment's `φ(q)`, `φ(k)` (in L2 for
+//! moderate lengths) instead of whole-head copies, and long sequences are split across
+//! threads (`rayon::broadcast` pins segment `i` to thread `i`, so a segment stays in the
+//! cache it was written to).
+//!
+//! The softmax over `C` uses the fixed shift 1 instead of the row maximum: its inputs are
+//! clamped to `[-1, 1]`, so `exp(x - 1)` lies in `[e⁻², 1]` and cannot overflow.
+
+use super::{clamp1, sigmoid, sigmoid_rows, FlowDims};
+use crate::buffer_pool::{take, PoolVec};
+use crate::element::{Acc, Element};
+use crate::gemm::round_up_nr;
+use crate::linear::core::{mm, pack_n, CHUNK};
+use crate::linear::{gather, SharedMut};
+use crate::per_thread::PerThread;
+use crate::simd::math::VecMath;
+use crate::simd::Level;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// Fewest rows per thread worth splitting a head's sequence for.
+const MIN_SPLIT_ROWS: usize = 512;
+
+/// One thread's buffers, reused across heads.
+struct Seg<A: Acc> {
+    /// `φ(q)` then (last pass) the scaled queries, segment rows × D.
+    qs: PoolVec<A>,
+    /// `φ(k)`, segment rows × D.
+    ks: PoolVec<A>,
+    /// `I_i` of the segment's query rows.
+    inv: Vec<A>,
+    /// Per-row scratch (`O_j`, `C_j` logits, allocations).
+    t: Vec<A>,
+    /// A block of (scaled) values, and its GEMM packing.
+    vb: Vec<A>,
+    bv: Vec<A>,
+    /// A block of outputs.
+    o: Vec<A>,
+}
+
+impl<A: Acc> Seg<A> {
+    /// Buffers for up to `rows` query and key rows of width `d` (pooled: fresh
+    /// multi-megabyte buffers would page-fault on every call).
+    fn new(rows: usize, d: usize) -> Self {
+        Seg {
+            qs: take(rows * d),
+            ks: take(rows * d),
+            inv: Vec::new(),
+            t: Vec::new(),
+            vb: Vec::new(),
+            bv: Vec::new(),
+            o: Vec::new(),
+        }
+    }
+}
+
+/// Query rows `[qa, qb)` and key rows `[ka, kb)` of one segment.
+#[derive(Clone, Copy)]
+struct Rows {
+    qa: usize,
+    qb: usize,
+    ka: usize,
+    kb: usize,
+}
+
+fn split(len: usize, parts: usize, i: usize) -> (usize, usize) {
+    (len * i / parts, len * (i + 1) / parts)
+}
+
+/// `Σ_rows x[r]` of a `rows × d` block into a new vector.
+fn colsum<A: Acc>(level: Level, x: &[A], d: usize) -> Vec<A> {
+    let mut s = vec![A::ZERO; d];
+    let ones = vec![A::ONE; x.len() / d.max(1)];
+    A::axpy_rows(level, &mut s, &ones, x, d);
+    s
+}
+
+/// Sums of per-segment vectors, in segment order (deterministic for a thread count).
+fn add_all<A: Acc>(parts: impl IntoIterator<Item = Vec<A>>) -> Vec<A> {
+    let mut it = parts.into_iter();
+    let mut acc = it.next().unwrap_or_default();
+    for p in it {
+        acc.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+    }
+    acc
+}
+
+/// `(x + eps, Σ (x + eps))`: the shifted whole-sequence sums the formulas use.
+fn shifted<A: Acc>(mut x: Vec<A>, eps: A) -> (Vec<A>, A) {
+    x.iter_mut().for_each(|v| *v += eps);
+    let s = x.iter().fold(A::ZERO, |a, &v| a + v);
+    (x, s)
+}
+
+/// One head's inputs and sizes.
+struct Head<'a, E: Element> {
+    q: &'a [E],
+    k: &'a [E],
+    v: &'a [E],
+    out: SharedMut<E>,
+    level: Level,
+    /// Row offsets of this batch entry, head index, head count.
+    qrow0: usize,
+    krow0: usize,
+    h: usize,
+    heads: usize,
+    d: usize,
+    dv: usize,
+    eps: E::Acc,
+}
+
+impl<E: Element> Head<'_, E> {
+    /// `φ` of the segment's rows into `sg`; returns their `Σφ(q)`, `Σφ(k)`.
+    fn sums(&self, r: Rows, sg: &mut Seg<E::Acc>) -> (Vec<E::Acc>, Vec<E::Acc>) {
+        let (h, hs, d) = (self.h, self.heads, self.d);
+        gather(
+            self.q,
+            self.qrow0 + r.qa,
+            r.qb - r.qa,
+            hs,
+            h,
+            d,
+            &mut sg.qs,
+            |x| x,
+        );
+        sigmoid_rows(self.level, &mut sg.qs);
+        gather(
+            self.k,
+            self.krow0 + r.ka,
+            r.kb - r.ka,
+            hs,
+            h,
+            d,
+            &mut sg.ks,
+            |x| x,
+        );
+        sigmoid_rows(self.level, &mut sg.ks);
+        (colsum(self.level, &sg.qs, d), colsum(self.level, &sg.ks, d))
+    }
+
+    /// Flows `I_i = 1 / φ(q_i)·ΣΦ(k)`, `O_j = 1 / φ(k_j)·Σφ(q)` (eps-shifted); keeps `I`,
+    /// returns `Σ I φ(q)`, `Σ O φ(k)`.
+    fn flows(
+        &self,
+        sg: &mut Seg<E::Acc>,
+        (nk, snk): (&[E::Acc], E::Acc),
+        (nq, snq): (&[E::Acc], E::Acc),
+    ) -> (Vec<E::Acc>, Vec<E::Acc>) {
+        let (level, d, eps) = (self.level, self.d, self.eps);
+        let one = E::Acc::ONE;
+        let nrows = sg.qs.len() / d;
+        sg.inv.clear();
+        sg.inv.resize(nrows, E::Acc::ZERO);
+        E::Acc::dot_rows(level, &sg.qs, d, nk, &mut sg.inv);
+        sg.inv.iter_mut().for_each(|x| *x = one / (*x + eps * snk));
+        let mut wq = vec![E::Acc::ZERO; d];
+        E::Acc::axpy_rows(level, &mut wq, &sg.inv, &sg.qs, d);
+        let mrows = sg.ks.len() / d;
+        sg.t.clear();
+        sg.t.resize(mrows, E::Acc::ZERO);
+        E::Acc::dot_rows(level, &sg.ks, d, nq, &mut sg.t);
+        sg.t.iter_mut().for_each(|x| *x = one / (*x + eps * snq));
+        let mut wk = vec![E::Acc::ZERO; d];
+        E::Acc::axpy_rows(level, &mut wk, &sg.t, &sg.ks, d);
+        (wq, wk)
+    }
+
+    /// Competition logits → `e_j = exp(clamp(·) − 1)`; returns this segment's part of
+    /// `S = Σ φ(k_j) (e_j v_j)ᵀ` (`d × round_up_nr(dv)`) and of `Σ e_j`.
+    fn state(
+        &self,
+        r: Rows,
+        sg: &mut Seg<E::Acc>,
+        (nwq, swq): (&[E::Acc], E::Acc),
+    ) -> (Vec<E::Acc>, E::Acc) {
+        let (level, d, dv, eps) = (self.level, self.d, self.dv, self.eps);
+        let vp = round_up_nr(dv);
+        let mrows = r.kb - r.ka;
+        let log2e = E::Acc::from_f64(std::f64::consts::LOG2_E);
+        sg.t.clear();
+        sg.t.resize(mrows, E::Acc::ZERO);
+        E::Acc::dot_rows(level, &sg.ks, d, nwq, &mut sg.t);
+        sg.t.iter_mut()
+            .for_each(|x| *x = clamp1(*x + eps * swq) * log2e);
+        let total = E::Acc::exp2_sub_sum(level, &mut sg.t, log2e);
+        let mut s = vec![E::Acc::ZERO; d * vp];
+        for j0 in (0..mrows).step_by(CHUNK) {
+            let nb = CHUNK.min(mrows - j0);
+            gather(
+                self.v,
+                self.krow0 + r.ka + j0,
+                nb,
+                self.heads,
+                self.h,
+                dv,
+                &mut sg.vb,
+                |x| x,
+            );
+            for (row, &e) in sg.vb.chunks_exact_mut(dv).zip(&sg.t[j0..j0 + nb]) {
+                row.iter_mut().for_each(|x| *x *= e);
+            }
+            let bps = pack_n(&sg.vb, dv, nb, dv, &mut sg.bv);
+            mm(
+                level,
+                d,
+                nb,
+                &sg.ks[j0 * d..],
+                1,
+                d,
+                &sg.bv,
+                bps,
+                dv,
+                &mut s,
+                vp,
+                true,
+            );
+        }
+        (s, total)
+    }
+
+    /// Allocation and output rows: `out_i = sigmoid(φ(q_i)·ΣOφ(k) · n/m) I_i (m / Σe) φ(q_i) S`.
+    #[allow(clippy::too_many_arguments)]
+    fn output(
+        &self,
+        r: Rows,
+        sg: &mut Seg<E::Acc>,
+        (nwk, swk): (&[E::Acc], E::Acc),
+        ratio: E::Acc,
+        cscale: E::Acc,
+        bs: &[E::Acc],
+        bsps: usize,
+    ) {
+        let (level, d, dv, eps) = (self.level, self.d, self.dv, self.eps);
+        let vp = round_up_nr(dv);
+        let nrows = r.qb - r.qa;
+        sg.t.clear();
+        sg.t.resize(nrows, E::Acc::ZERO);
+        E::Acc::dot_rows(level, &sg.qs, d, nwk, &mut sg.t);
+        for (i, row) in sg.qs.chunks_exact_mut(d).enumerate() {
+            let f = sigmoid((sg.t[i] + eps * swk) * ratio) * sg.inv[i] * cscale;
+            row.iter_mut().for_each(|x| *x *= f);
+        }
+        sg.o.resize(CHUNK * vp, E::Acc::ZERO);
+        for i0 in (0..nrows).step_by(CHUNK) {
+            let nb = CHUNK.min(nrows - i0);
+            mm(
+                level,
+                nb,
+                d,
+                &sg.qs[i0 * d..],
+                d,
+                1,
+                bs,
+                bsps,
+                dv,
+                &mut sg.o,
+                vp,
+                false,
+            );
+            for t in 0..nb {
+                let off = ((self.qrow0 + r.qa + i0 + t) * self.heads + self.h) * dv;
+                // SAFETY: the rows of head `h` in this segment belong to this call alone.
+                let dst = unsafe { self.out.slice(off, dv) };
+                E::from_acc_slice(&sg.o[t * vp..t * vp + dv], dst);
+            }
+        }
+    }
+}
+
+/// How a head's passes run over its segments: results come back in segment order.
+trait Segments<A: Acc> {
+    fn each<R: Send>(&self, f: &(dyn Fn(Rows, &mut Seg<A>) -> R + Sync)) -> Vec<R>;
+}
+
+/// One segment per pool thread; `rayon::broadcast` runs segment `i` on thread `i`.
+struct Split<'a, A: Acc> {
+    segs: &'a [Mutex<Seg<A>>],
+    n: usize,
+    m: usize,
+}
+
+impl<A: Acc> Segments<A> for Split<'_, A> {
+    fn each<R: Send>(&self, f: &(dyn Fn(Rows, &mut Seg<A>) -> R + Sync)) -> Vec<R> {
+        let parts = self.segs.len();
+        rayon::broadcast(|ctx| {
+            let i = ctx.index();
+            let ((qa, qb), (ka, kb)) = (split(self.n, parts, i), split(self.m, parts, i));
+            let mut sg = self.segs[i].lock().unwrap_or_else(|e| e.into_inner());
+            f(Rows { qa, qb, ka, kb }, &mut sg)
+        })
+    }
+}
+
+/// The whole head as one segment on the calling thread.
+struct Whole<'a, A: Acc> {
+    sg: RefCell<&'a mut Seg<A>>,
+    n: usize,
+    m: usize,
+}
+
+impl<A: Acc> Segments<A> for Whole<'_, A> {
+    fn each<R: Send>(&self, f: &(dyn Fn(Rows, &mut Seg<A>) -> R + Sync)) -> Vec<R> {
+        let r = Rows {
+            qa: 0,
+            qb: self.n,
+            ka: 0,
+            kb: self.m,
+        };
+        vec![f(r, &mut self.sg.borrow_mut())]
+    }
+}
+
+/// The four passes of one head, with the reductions between them.
+fn run_head<E: Element>(hd: &Head<'_, E>, n: usize, m: usize, segs: &impl Segments<E::Acc>) {
+    let eps = hd.eps;
+    let (sq, sk): (Vec<_>, Vec<_>) = segs.each(&|r, sg| hd.sums(r, sg)).into_iter().unzip();
+    let ((nq, snq), (nk, snk)) = (shifted(add_all(sq), eps), shifted(add_all(sk), eps));
+    let (wq, wk): (Vec<_>, Vec<_>) = segs
+        .each(&|_, sg| hd.flows(sg, (&nk, snk), (&nq, snq)))
+        .into_iter()
+        .unzip();
+    let ((nwq, swq), (nwk, swk)) = (shifted(add_all(wq), eps), shifted(add_all(wk), eps));
+    let (ss, totals): (Vec<_>, Vec<_>) = segs
+        .each(&|r, sg| hd.state(r, sg, (&nwq, swq)))
+        .into_iter()
+        .unzip();
+    let s = add_all(ss);
+    let total = totals.into_iter().fold(E::Acc::ZERO, |a, b| a + b);
+    let mut bs = Vec::new();
+    let bsps = pack_n(&s, round_up_nr(hd.dv), hd.d, hd.dv, &mut bs);
+    let ratio = E::Acc::from_f64(n as f64 / m as f64);
+    let cscale = E::Acc::from_f64(m as f64) / total;
+    segs.each(&|r, sg| hd.output(r, sg, (&nwk, swk), ratio, cscale, &bs, bsps));
+}
+
+/// The forward over every (batch, head); `q_len` and `kv_len` must be positive.
+pub(super) fn forward<E: Element>(
+    level: Level,
+    dims: &FlowDims,
+    eps: E::Acc,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    out: &mut [E],
+) {
+    let (n, m, hs) = (dims.q_len, dims.kv_len, dims.heads);
+    let threads = rayon::current_num_threads().max(1);
+    let outp = SharedMut(out.as_mut_ptr());
+    let tasks = dims.batch * hs;
+    let head = |task: usize| Head {
+        q,
+        k,
+        v,
+        out: outp,
+        level,
+        qrow0: (task / hs) * n,
+        krow0: (task / hs) * m,
+        h: task % hs,
+        heads: hs,
+        d: dims.head_dim,
+        dv: dims.v_head_dim,
+        eps,
+    };
+    if tasks < threads && n.min(m) >= MIN_SPLIT_ROWS * threads {
+        let rows = n.max(m).div_ceil(threads);
+        let segs: Vec<Mutex<Seg<E::Acc>>> = (0..threads)
+            .map(|_| Mutex::new(Seg::new(rows, dims.head_dim)))
+            .collect();
+        let split = Split { segs: &segs, n, m };
+        for task in 0..tasks {
+            run_head(&head(task), n, m, &split);
+        }
+    } else {
+        let per: PerThread<Seg<E::Acc>> = PerThread::new();
+        (0..tasks).into_par_iter().for_each(|task| {
+            per.with(
+                || Seg::new(n.max(m), dims.head_dim),
+                |sg| {
+                    run_head(
+                        &head(task),
+                        n,
+                        m,
+                        &Whole {
+                            sg: RefCell::new(sg),
+                            n,
+                            m,
+                        },
+                    );
+                },
+            )
+        });
+    }
+}
