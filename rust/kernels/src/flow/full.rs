@@ -26,29 +26,33 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 
 /// Fewest rows per thread worth splitting a head's sequence for.
-const MIN_SPLIT_ROWS: usize = 512;
+pub(super) const MIN_SPLIT_ROWS: usize = 512;
 
 /// One thread's buffers, reused across heads.
-struct Seg<A: Acc> {
+pub(super) struct Seg<A: Acc> {
     /// `φ(q)` then (last pass) the scaled queries, segment rows × D.
-    qs: PoolVec<A>,
+    pub(super) qs: PoolVec<A>,
     /// `φ(k)`, segment rows × D.
-    ks: PoolVec<A>,
+    pub(super) ks: PoolVec<A>,
     /// `I_i` of the segment's query rows.
-    inv: Vec<A>,
+    pub(super) inv: Vec<A>,
     /// Per-row scratch (`O_j`, `C_j` logits, allocations).
-    t: Vec<A>,
+    pub(super) t: Vec<A>,
     /// A block of (scaled) values, and its GEMM packing.
-    vb: Vec<A>,
-    bv: Vec<A>,
+    pub(super) vb: Vec<A>,
+    pub(super) bv: Vec<A>,
     /// A block of outputs.
-    o: Vec<A>,
+    pub(super) o: Vec<A>,
+    /// The conserved sources `Ô_j` before the clamp (the backward's gate).
+    pub(super) ohr: Vec<A>,
+    /// Backward only: per-row scalars and gradient blocks (see `full_bwd`).
+    pub(super) b: super::full_bwd::BwdRows<A>,
 }
 
 impl<A: Acc> Seg<A> {
     /// Buffers for up to `rows` query and key rows of width `d` (pooled: fresh
     /// multi-megabyte buffers would page-fault on every call).
-    fn new(rows: usize, d: usize) -> Self {
+    pub(super) fn new(rows: usize, d: usize) -> Self {
         Seg {
             qs: take(rows * d),
             ks: take(rows * d),
@@ -57,25 +61,27 @@ impl<A: Acc> Seg<A> {
             vb: Vec::new(),
             bv: Vec::new(),
             o: Vec::new(),
+            ohr: Vec::new(),
+            b: Default::default(),
         }
     }
 }
 
 /// Query rows `[qa, qb)` and key rows `[ka, kb)` of one segment.
 #[derive(Clone, Copy)]
-struct Rows {
-    qa: usize,
-    qb: usize,
-    ka: usize,
-    kb: usize,
+pub(super) struct Rows {
+    pub(super) qa: usize,
+    pub(super) qb: usize,
+    pub(super) ka: usize,
+    pub(super) kb: usize,
 }
 
-fn split(len: usize, parts: usize, i: usize) -> (usize, usize) {
+pub(super) fn split(len: usize, parts: usize, i: usize) -> (usize, usize) {
     (len * i / parts, len * (i + 1) / parts)
 }
 
 /// `Σ_rows x[r]` of a `rows × d` block into a new vector.
-fn colsum<A: Acc>(level: Level, x: &[A], d: usize) -> Vec<A> {
+pub(super) fn colsum<A: Acc>(level: Level, x: &[A], d: usize) -> Vec<A> {
     let mut s = vec![A::ZERO; d];
     let ones = vec![A::ONE; x.len() / d.max(1)];
     A::axpy_rows(level, &mut s, &ones, x, d);
@@ -83,7 +89,7 @@ fn colsum<A: Acc>(level: Level, x: &[A], d: usize) -> Vec<A> {
 }
 
 /// Sums of per-segment vectors, in segment order (deterministic for a thread count).
-fn add_all<A: Acc>(parts: impl IntoIterator<Item = Vec<A>>) -> Vec<A> {
+pub(super) fn add_all<A: Acc>(parts: impl IntoIterator<Item = Vec<A>>) -> Vec<A> {
     let mut it = parts.into_iter();
     let mut acc = it.next().unwrap_or_default();
     for p in it {
@@ -93,32 +99,31 @@ fn add_all<A: Acc>(parts: impl IntoIterator<Item = Vec<A>>) -> Vec<A> {
 }
 
 /// `(x + eps, Σ (x + eps))`: the shifted whole-sequence sums the formulas use.
-fn shifted<A: Acc>(mut x: Vec<A>, eps: A) -> (Vec<A>, A) {
+pub(super) fn shifted<A: Acc>(mut x: Vec<A>, eps: A) -> (Vec<A>, A) {
     x.iter_mut().for_each(|v| *v += eps);
     let s = x.iter().fold(A::ZERO, |a, &v| a + v);
     (x, s)
 }
 
 /// One head's inputs and sizes.
-struct Head<'a, E: Element> {
-    q: &'a [E],
-    k: &'a [E],
-    v: &'a [E],
-    out: SharedMut<E>,
-    level: Level,
+pub(super) struct Head<'a, E: Element> {
+    pub(super) q: &'a [E],
+    pub(super) k: &'a [E],
+    pub(super) v: &'a [E],
+    pub(super) level: Level,
     /// Row offsets of this batch entry, head index, head count.
-    qrow0: usize,
-    krow0: usize,
-    h: usize,
-    heads: usize,
-    d: usize,
-    dv: usize,
-    eps: E::Acc,
+    pub(super) qrow0: usize,
+    pub(super) krow0: usize,
+    pub(super) h: usize,
+    pub(super) heads: usize,
+    pub(super) d: usize,
+    pub(super) dv: usize,
+    pub(super) eps: E::Acc,
 }
 
 impl<E: Element> Head<'_, E> {
     /// `φ` of the segment's rows into `sg`; returns their `Σφ(q)`, `Σφ(k)`.
-    fn sums(&self, r: Rows, sg: &mut Seg<E::Acc>) -> (Vec<E::Acc>, Vec<E::Acc>) {
+    pub(super) fn sums(&self, r: Rows, sg: &mut Seg<E::Acc>) -> (Vec<E::Acc>, Vec<E::Acc>) {
         let (h, hs, d) = (self.h, self.heads, self.d);
         gather(
             self.q,
@@ -147,7 +152,7 @@ impl<E: Element> Head<'_, E> {
 
     /// Flows `I_i = 1 / φ(q_i)·ΣΦ(k)`, `O_j = 1 / φ(k_j)·Σφ(q)` (eps-shifted); keeps `I`,
     /// returns `Σ I φ(q)`, `Σ O φ(k)`.
-    fn flows(
+    pub(super) fn flows(
         &self,
         sg: &mut Seg<E::Acc>,
         (nk, snk): (&[E::Acc], E::Acc),
@@ -174,7 +179,7 @@ impl<E: Element> Head<'_, E> {
 
     /// Competition logits → `e_j = exp(clamp(·) − 1)`; returns this segment's part of
     /// `S = Σ φ(k_j) (e_j v_j)ᵀ` (`d × round_up_nr(dv)`) and of `Σ e_j`.
-    fn state(
+    pub(super) fn state(
         &self,
         r: Rows,
         sg: &mut Seg<E::Acc>,
@@ -187,8 +192,10 @@ impl<E: Element> Head<'_, E> {
         sg.t.clear();
         sg.t.resize(mrows, E::Acc::ZERO);
         E::Acc::dot_rows(level, &sg.ks, d, nwq, &mut sg.t);
-        sg.t.iter_mut()
-            .for_each(|x| *x = clamp1(*x + eps * swq) * log2e);
+        sg.t.iter_mut().for_each(|x| *x += eps * swq);
+        sg.ohr.clear();
+        sg.ohr.extend_from_slice(&sg.t);
+        sg.t.iter_mut().for_each(|x| *x = clamp1(*x) * log2e);
         let total = E::Acc::exp2_sub_sum(level, &mut sg.t, log2e);
         let mut s = vec![E::Acc::ZERO; d * vp];
         for j0 in (0..mrows).step_by(CHUNK) {
@@ -236,6 +243,7 @@ impl<E: Element> Head<'_, E> {
         cscale: E::Acc,
         bs: &[E::Acc],
         bsps: usize,
+        out: SharedMut<E>,
     ) {
         let (level, d, dv, eps) = (self.level, self.d, self.dv, self.eps);
         let vp = round_up_nr(dv);
@@ -267,7 +275,7 @@ impl<E: Element> Head<'_, E> {
             for t in 0..nb {
                 let off = ((self.qrow0 + r.qa + i0 + t) * self.heads + self.h) * dv;
                 // SAFETY: the rows of head `h` in this segment belong to this call alone.
-                let dst = unsafe { self.out.slice(off, dv) };
+                let dst = unsafe { out.slice(off, dv) };
                 E::from_acc_slice(&sg.o[t * vp..t * vp + dv], dst);
             }
         }
@@ -275,15 +283,15 @@ impl<E: Element> Head<'_, E> {
 }
 
 /// How a head's passes run over its segments: results come back in segment order.
-trait Segments<A: Acc> {
+pub(super) trait Segments<A: Acc> {
     fn each<R: Send>(&self, f: &(dyn Fn(Rows, &mut Seg<A>) -> R + Sync)) -> Vec<R>;
 }
 
 /// One segment per pool thread; `rayon::broadcast` runs segment `i` on thread `i`.
-struct Split<'a, A: Acc> {
-    segs: &'a [Mutex<Seg<A>>],
-    n: usize,
-    m: usize,
+pub(super) struct Split<'a, A: Acc> {
+    pub(super) segs: &'a [Mutex<Seg<A>>],
+    pub(super) n: usize,
+    pub(super) m: usize,
 }
 
 impl<A: Acc> Segments<A> for Split<'_, A> {
@@ -299,10 +307,10 @@ impl<A: Acc> Segments<A> for Split<'_, A> {
 }
 
 /// The whole head as one segment on the calling thread.
-struct Whole<'a, A: Acc> {
-    sg: RefCell<&'a mut Seg<A>>,
-    n: usize,
-    m: usize,
+pub(super) struct Whole<'a, A: Acc> {
+    pub(super) sg: RefCell<&'a mut Seg<A>>,
+    pub(super) n: usize,
+    pub(super) m: usize,
 }
 
 impl<A: Acc> Segments<A> for Whole<'_, A> {
@@ -318,7 +326,13 @@ impl<A: Acc> Segments<A> for Whole<'_, A> {
 }
 
 /// The four passes of one head, with the reductions between them.
-fn run_head<E: Element>(hd: &Head<'_, E>, n: usize, m: usize, segs: &impl Segments<E::Acc>) {
+fn run_head<E: Element>(
+    hd: &Head<'_, E>,
+    n: usize,
+    m: usize,
+    segs: &impl Segments<E::Acc>,
+    out: SharedMut<E>,
+) {
     let eps = hd.eps;
     let (sq, sk): (Vec<_>, Vec<_>) = segs.each(&|r, sg| hd.sums(r, sg)).into_iter().unzip();
     let ((nq, snq), (nk, snk)) = (shifted(add_all(sq), eps), shifted(add_all(sk), eps));
@@ -337,7 +351,7 @@ fn run_head<E: Element>(hd: &Head<'_, E>, n: usize, m: usize, segs: &impl Segmen
     let bsps = pack_n(&s, round_up_nr(hd.dv), hd.d, hd.dv, &mut bs);
     let ratio = E::Acc::from_f64(n as f64 / m as f64);
     let cscale = E::Acc::from_f64(m as f64) / total;
-    segs.each(&|r, sg| hd.output(r, sg, (&nwk, swk), ratio, cscale, &bs, bsps));
+    segs.each(&|r, sg| hd.output(r, sg, (&nwk, swk), ratio, cscale, &bs, bsps, out));
 }
 
 /// The forward over every (batch, head); `q_len` and `kv_len` must be positive.
@@ -358,7 +372,6 @@ pub(super) fn forward<E: Element>(
         q,
         k,
         v,
-        out: outp,
         level,
         qrow0: (task / hs) * n,
         krow0: (task / hs) * m,
@@ -375,7 +388,7 @@ pub(super) fn forward<E: Element>(
             .collect();
         let split = Split { segs: &segs, n, m };
         for task in 0..tasks {
-            run_head(&head(task), n, m, &split);
+            run_head(&head(task), n, m, &split, outp);
         }
     } else {
         let per: PerThread<Seg<E::Acc>> = PerThread::new();
@@ -392,6 +405,7 @@ pub(super) fn forward<E: Element>(
                             n,
                             m,
                         },
+                        outp,
                     );
                 },
             )

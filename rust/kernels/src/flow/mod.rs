@@ -14,12 +14,13 @@ use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::error::{check_len, KernelError};
 use crate::linear::core::{axpy, vdot, Core, Ws};
-use crate::linear::{gather, scatter, SharedMut};
+use crate::linear::{gather, scatter, SharedMut, SEGMENT};
 use crate::per_thread::PerThread;
 use crate::simd::{self, Level};
 use rayon::prelude::*;
 
 mod full;
+mod full_bwd;
 
 /// Shapes: q `[batch, q_len, heads, head_dim]`, k `[batch, kv_len, heads, head_dim]`,
 /// v `[batch, kv_len, heads, v_head_dim]`.
@@ -138,6 +139,39 @@ fn clamp1<A: Acc>(x: A) -> A {
     }
 }
 
+/// Running sums of the causal scalars after the rows seen so far (kept shifted by eps,
+/// with their element sums).
+struct CausalRun<A> {
+    sk: Vec<A>,
+    sq: Vec<A>,
+    wk: Vec<A>,
+    wq: Vec<A>,
+    ssk: A,
+    ssq: A,
+    swk: A,
+    swq: A,
+    zsum: A,
+    rows: usize,
+}
+
+impl<A: Acc> CausalRun<A> {
+    fn new(d: usize, eps: A) -> Self {
+        let de = A::from_f64(d as f64) * eps;
+        CausalRun {
+            sk: vec![eps; d],
+            sq: vec![eps; d],
+            wk: vec![eps; d],
+            wq: vec![eps; d],
+            ssk: de,
+            ssq: de,
+            swk: de,
+            swq: de,
+            zsum: A::ZERO,
+            rows: 0,
+        }
+    }
+}
+
 impl<A: Acc> Scratch<A> {
     /// Non-causal scalars; fills `aq` and `vc` (the core's queries and values). The sums
     /// kept for the backward (`nk`, `nq`, `nwk`, `nwq`) are shifted by `eps`.
@@ -210,16 +244,33 @@ impl<A: Acc> Scratch<A> {
         }
     }
 
-    /// Causal scalars (prefix sums, 1-based positions); with `keep`, stores the prefix
-    /// vectors for the backward.
-    fn prep_causal(&mut self, level: Level, n: usize, d: usize, dv: usize, eps: A, keep: bool) {
-        // running sums, kept shifted by eps, with their element sums
-        let mut sk = vec![eps; d];
-        let mut sq = vec![eps; d];
-        let mut wk = vec![eps; d];
-        let mut wq = vec![eps; d];
-        let de = A::from_f64(d as f64) * eps;
-        let (mut ssk, mut ssq, mut swk, mut swq) = (de, de, de, de);
+    /// Causal scalars (prefix sums, 1-based positions) of `n` rows that follow the rows
+    /// already folded into `run` (the running sums carry over, so a sequence can stream
+    /// through in segments); with `keep`, stores the prefix vectors for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn prep_causal(
+        &mut self,
+        level: Level,
+        run: &mut CausalRun<A>,
+        n: usize,
+        d: usize,
+        dv: usize,
+        eps: A,
+        keep: bool,
+    ) {
+        let CausalRun {
+            sk,
+            sq,
+            wk,
+            wq,
+            ssk,
+            ssq,
+            swk,
+            swq,
+            zsum,
+            rows,
+        } = run;
+        let (sk, sq, wk, wq) = (&mut sk[..], &mut sq[..], &mut wk[..], &mut wq[..]);
         for buf in [&mut self.i, &mut self.o, &mut self.a, &mut self.c] {
             zeros(buf, n);
         }
@@ -233,40 +284,39 @@ impl<A: Acc> Scratch<A> {
         }
         zeros(&mut self.aq, n * d);
         zeros(&mut self.vc, n * dv);
-        let mut zsum = A::ZERO;
         for t in 0..n {
-            let tt = A::from_f64((t + 1) as f64);
+            let tt = A::from_f64((*rows + t + 1) as f64);
             let qt = &self.qs[t * d..(t + 1) * d];
             let kt = &self.ks[t * d..(t + 1) * d];
             let (rq, rk) = (sum(qt), sum(kt));
-            axpy(&mut sk, A::ONE, kt);
-            axpy(&mut sq, A::ONE, qt);
-            ssk += rk;
-            ssq += rq;
-            let it = A::ONE / dot_eps(level, qt, &sk, ssk, eps);
-            let ot = A::ONE / dot_eps(level, kt, &sq, ssq, eps);
-            axpy(&mut wk, tt * ot, kt);
-            axpy(&mut wq, tt * it, qt);
-            swk += tt * ot * rk;
-            swq += tt * it * rq;
-            let ih = dot_eps(level, qt, &wk, swk, eps) / tt;
-            let ohr = dot_eps(level, kt, &wq, swq, eps) / tt;
+            axpy(sk, A::ONE, kt);
+            axpy(sq, A::ONE, qt);
+            *ssk += rk;
+            *ssq += rq;
+            let it = A::ONE / dot_eps(level, qt, sk, *ssk, eps);
+            let ot = A::ONE / dot_eps(level, kt, sq, *ssq, eps);
+            axpy(wk, tt * ot, kt);
+            axpy(wq, tt * it, qt);
+            *swk += tt * ot * rk;
+            *swq += tt * it * rq;
+            let ih = dot_eps(level, qt, wk, *swk, eps) / tt;
+            let ohr = dot_eps(level, kt, wq, *swq, eps) / tt;
             let at = sigmoid(ih);
             let et = clamp1(ohr).exp();
-            zsum += et;
-            let ct = tt * et / zsum;
+            *zsum += et;
+            let ct = tt * et / *zsum;
             self.i[t] = it;
             self.o[t] = ot;
             self.a[t] = at;
             self.c[t] = ct;
             self.ohr[t] = ohr;
             self.e[t] = et;
-            self.z[t] = zsum;
+            self.z[t] = *zsum;
             if keep {
-                self.sk[t * d..(t + 1) * d].copy_from_slice(&sk);
-                self.sq[t * d..(t + 1) * d].copy_from_slice(&sq);
-                self.wk[t * d..(t + 1) * d].copy_from_slice(&wk);
-                self.wq[t * d..(t + 1) * d].copy_from_slice(&wq);
+                self.sk[t * d..(t + 1) * d].copy_from_slice(sk);
+                self.sq[t * d..(t + 1) * d].copy_from_slice(sq);
+                self.wk[t * d..(t + 1) * d].copy_from_slice(wk);
+                self.wq[t * d..(t + 1) * d].copy_from_slice(wq);
             }
             let f = at * it;
             for (x, &y) in self.aq[t * d..(t + 1) * d].iter_mut().zip(qt) {
@@ -279,6 +329,7 @@ impl<A: Acc> Scratch<A> {
                 *x = ct * y;
             }
         }
+        *rows += n;
     }
 
     /// Chain rule through the non-causal scalars: `daq`, `dks` (core part, completed here),
@@ -458,46 +509,57 @@ pub fn forward<E: Element>(
         full::forward(level, d, e, q, k, v, out);
         return Ok(());
     }
+    if !causal {
+        // no queries, or no keys: nothing flows, the output is zero
+        out.fill(E::from_acc(E::Acc::ZERO));
+        return Ok(());
+    }
+    // Causal: the sequence streams through in segments small enough to stay in cache,
+    // carrying the running sums of the scalars and the `D×Dv` state.
     let outp = SharedMut(out.as_mut_ptr());
+    let seg_rows = n.min(SEGMENT);
     let per: PerThread<Scratch<E::Acc>> = PerThread::new();
     (0..d.batch * h).into_par_iter().for_each(|task| {
         let (b, hh) = (task / h, task % h);
         per.with(
-            || Scratch::new(n.max(m), dk, dv),
+            || Scratch::new(seg_rows, dk, dv),
             |sc| {
-                gather(q, b * n, n, h, hh, dk, &mut sc.qs, |x| x);
-                sigmoid_rows(level, &mut sc.qs);
-                gather(k, b * m, m, h, hh, dk, &mut sc.ks, |x| x);
-                sigmoid_rows(level, &mut sc.ks);
-                gather(v, b * m, m, h, hh, dv, &mut sc.v, |x| x);
-                if causal {
-                    sc.prep_causal(level, n, dk, dv, e, false);
-                } else {
-                    sc.prep_full(level, n, m, dk, dv, e);
+                let mut run = CausalRun::new(dk, e);
+                let mut state = vec![E::Acc::ZERO; dk * dv];
+                let mut next = vec![E::Acc::ZERO; dk * dv];
+                for start in (0..n).step_by(SEGMENT) {
+                    let sl = SEGMENT.min(n - start);
+                    gather(q, b * n + start, sl, h, hh, dk, &mut sc.qs, |x| x);
+                    sigmoid_rows(level, &mut sc.qs);
+                    gather(k, b * n + start, sl, h, hh, dk, &mut sc.ks, |x| x);
+                    sigmoid_rows(level, &mut sc.ks);
+                    gather(v, b * n + start, sl, h, hh, dv, &mut sc.v, |x| x);
+                    sc.prep_causal(level, &mut run, sl, dk, dv, e, false);
+                    zeros(&mut sc.out, sl * dv);
+                    let core = Core {
+                        lq: sl,
+                        lk: sl,
+                        k: dk,
+                        v: dv,
+                        causal: true,
+                        normalize: false,
+                    };
+                    core.forward(
+                        level,
+                        &sc.aq,
+                        &sc.ks,
+                        &sc.vc,
+                        (start > 0).then_some(&state[..]),
+                        None,
+                        &mut sc.out,
+                        &mut next,
+                        &mut [],
+                        &mut sc.ws,
+                    );
+                    std::mem::swap(&mut state, &mut next);
+                    // SAFETY: task (b, hh) owns its rows of head hh.
+                    unsafe { scatter::<E>(&sc.out, b * n + start, sl, h, hh, dv, outp) };
                 }
-                zeros(&mut sc.out, n * dv);
-                let core = Core {
-                    lq: n,
-                    lk: m,
-                    k: dk,
-                    v: dv,
-                    causal,
-                    normalize: false,
-                };
-                core.forward(
-                    level,
-                    &sc.aq,
-                    &sc.ks,
-                    &sc.vc,
-                    None,
-                    None,
-                    &mut sc.out,
-                    &mut [],
-                    &mut [],
-                    &mut sc.ws,
-                );
-                // SAFETY: task (b, hh) owns its rows of head hh.
-                unsafe { scatter::<E>(&sc.out, b * n, n, h, hh, dv, outp) };
             },
         );
     });
@@ -534,6 +596,10 @@ pub fn backward<E: Element>(
         SharedMut(dv_out.as_mut_ptr()),
     );
     let e = E::Acc::from_f64(eps);
+    if !causal && n > 0 && m > 0 {
+        full_bwd::backward(level, d, e, q, k, v, dout, dq, dk_out, dv_out);
+        return Ok(());
+    }
     let per: PerThread<Scratch<E::Acc>> = PerThread::new();
     (0..d.batch * h).into_par_iter().for_each(|task| {
         let (b, hh) = (task / h, task % h);
@@ -547,7 +613,7 @@ pub fn backward<E: Element>(
                 gather(v, b * m, m, h, hh, dv, &mut sc.v, |x| x);
                 gather(dout, b * n, n, h, hh, dv, &mut sc.g, |x| x);
                 if causal {
-                    sc.prep_causal(level, n, dk, dv, e, true);
+                    sc.prep_causal(level, &mut CausalRun::new(dk, e), n, dk, dv, e, true);
                 } else {
                     sc.prep_full(level, n, m, dk, dv, e);
                 }

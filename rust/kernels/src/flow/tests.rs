@@ -230,3 +230,75 @@ fn forward_split_across_threads_matches_naive() {
         }
     }
 }
+
+/// The causal forward streams in segments of `SEGMENT` rows, carrying the running sums
+/// and the state: lengths across several segments, one not a multiple of it.
+#[test]
+fn causal_forward_across_segments_matches_naive() {
+    let mut seed = 9u64;
+    for n in [crate::linear::SEGMENT + 1, 2 * crate::linear::SEGMENT + 77] {
+        let d = FlowDims {
+            batch: 2,
+            q_len: n,
+            kv_len: n,
+            heads: 2,
+            head_dim: 6,
+            v_head_dim: 7,
+        };
+        let q = rand(2 * n * 2 * 6, &mut seed, 2.0);
+        let k = rand(2 * n * 2 * 6, &mut seed, 2.0);
+        let v = rand(2 * n * 2 * 7, &mut seed, 1.0);
+        let want = naive(&d, true, 1e-6, &q, &k, &v);
+        let mut out = vec![0.0; want.len()];
+        forward(&d, true, 1e-6, &q, &k, &v, &mut out).unwrap();
+        for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-10 * (1.0 + y.abs()),
+                "{d:?} [{i}] {x} vs {y}"
+            );
+        }
+    }
+}
+
+/// The non-causal backward split across threads (heads < threads, long sequences) gives
+/// the one-thread result (whose path the finite-difference test checks), Tq ≠ Tk included.
+#[test]
+fn backward_split_across_threads_matches_one_thread() {
+    let mut seed = 21u64;
+    let (n, m) = (1601, 1537);
+    let d = FlowDims {
+        batch: 1,
+        q_len: n,
+        kv_len: m,
+        heads: 1,
+        head_dim: 8,
+        v_head_dim: 5,
+    };
+    // Large amplitudes push some conserved sources past the clamp.
+    let q = rand(n * 8, &mut seed, 3.0);
+    let k = rand(m * 8, &mut seed, 3.0);
+    let v = rand(m * 5, &mut seed, 1.0);
+    let go = rand(n * 5, &mut seed, 1.0);
+    let grads = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        pool.install(|| backward(&d, false, 1e-6, &q, &k, &v, &go, &mut dq, &mut dk, &mut dv))
+            .unwrap();
+        [dq, dk, dv]
+    };
+    let want = grads(1);
+    for threads in [2, 3] {
+        for (which, (g, w)) in grads(threads).iter().zip(&want).enumerate() {
+            let scale = w.iter().fold(0.0f64, |a, &x| a.max(x.abs()));
+            for (i, (x, y)) in g.iter().zip(w).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-10 * scale,
+                    "{threads} threads, grad {which}[{i}]: {x} vs {y}"
+                );
+            }
+        }
+    }
+}

@@ -67,7 +67,13 @@ pub struct Ws<A> {
 
 /// Packs `Xᵀ` as a GEMM `B` (`X` is `rows × cols` at `src[r·rs + c]`): panels over X's rows.
 /// Returns the panel stride (`cols · NR`).
-fn pack_t<A: Acc>(src: &[A], rs: usize, rows: usize, cols: usize, out: &mut Vec<A>) -> usize {
+pub(crate) fn pack_t<A: Acc>(
+    src: &[A],
+    rs: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut Vec<A>,
+) -> usize {
     let len = panels(rows) * cols * NR;
     out.resize(len, A::ZERO);
     if rows % NR != 0 {

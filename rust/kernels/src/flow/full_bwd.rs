@@ -1,0 +1,463 @@
+//! Non-causal Flow-Attention backward, streamed over row segments like the forward (see
+//! [`super::full`]): the forward's three reduction passes are recomputed, then four
+//! gradient passes alternate between query and key rows, each needing only `D`-vectors,
+//! `dS` (`D×Dv`) and scalars reduced over the whole sequence by the pass before.
+//!
+//! With `aq_i = a_i I_i φ(q_i)`, `vc_j = c_j v_j`, `S = Σ φ(k_j) vc_jᵀ`, `out_i = aq_i S`:
+//!
+//! ```text
+//! q rows:  daq = dout Sᵀ,  dS = Σ aqᵀ dout,  dih_i = I_i (daq_i·φq_i) a_i (1 − a_i) n/m,
+//!          dWk = Σ dih_i (φq_i + ε)
+//! k rows:  dvc = φk dS → dc_j = dvc_j·v_j, dv_j = c_j dvc_j;  dφk(core) = vc dSᵀ;
+//!          dino_j = −(dWk·φk_j) O_j²;  dWq = Σ dÔ_j (φk_j + ε) with
+//!          dÔ_j = [|Ô_j| ≤ 1] c_j (dc_j − Σ c dc / m)
+//! q rows:  dini_i = −(a_i daq_i·φq_i + dWq·φq_i) I_i²;  dq from all of the above
+//! k rows:  dk from all of the above
+//! ```
+
+use super::full::{add_all, shifted, Head, Rows, Seg, Segments, Split, Whole, MIN_SPLIT_ROWS};
+use super::{sigmoid, FlowDims};
+use crate::element::{Acc, Element};
+use crate::gemm::round_up_nr;
+use crate::linear::core::{mm, pack_n, pack_t, CHUNK};
+use crate::linear::{gather, SharedMut};
+use crate::per_thread::PerThread;
+use crate::simd::math::VecMath;
+use crate::simd::Level;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+/// Per-row values a segment keeps between the backward's passes.
+#[derive(Default)]
+pub(crate) struct BwdRows<A> {
+    // query rows
+    a: Vec<A>,
+    daqq: Vec<A>,
+    dih: Vec<A>,
+    /// `dout Sᵀ`, rows × D.
+    daq: Vec<A>,
+    // key rows
+    o: Vec<A>,
+    e: Vec<A>,
+    dc: Vec<A>,
+    dino: Vec<A>,
+    /// The core's gradient of `φ(k)`, rows × D.
+    dkc: Vec<A>,
+    // blocks
+    g: Vec<A>,
+    bg: Vec<A>,
+    blk: Vec<A>,
+}
+
+/// `y += Σ_r p[r] (x_r + eps)` over the rows of `x` (`y.len()` wide).
+fn axpy_rows_eps<A: Acc>(level: Level, y: &mut [A], p: &[A], x: &[A], eps: A) {
+    A::axpy_rows(level, y, p, x, y.len());
+    let sp = p.iter().fold(A::ZERO, |s, &v| s + v) * eps;
+    y.iter_mut().for_each(|v| *v += sp);
+}
+
+/// The gradients' destinations and the upstream gradient.
+struct Grads<'a, E: Element> {
+    dout: &'a [E],
+    dq: SharedMut<E>,
+    dk: SharedMut<E>,
+    dv: SharedMut<E>,
+}
+
+/// Reduced values the passes share.
+struct Sums<'a, A> {
+    nq: &'a [A],
+    nk: &'a [A],
+    nwq: &'a [A],
+    nwk: &'a [A],
+    swk: A,
+    ratio: A,
+    /// `c_j = cscale · e_j`.
+    cscale: A,
+}
+
+impl<E: Element> Head<'_, E> {
+    fn row_off(&self, row0: usize, r: usize, width: usize) -> usize {
+        ((row0 + r) * self.heads + self.h) * width
+    }
+
+    /// Query rows: `daq`, this segment's `dS` (`d × vp`) and `dWk`.
+    fn grad_q1(
+        &self,
+        r: Rows,
+        sg: &mut Seg<E::Acc>,
+        gr: &Grads<'_, E>,
+        z: &Sums<'_, E::Acc>,
+        (bst, bstps): (&[E::Acc], usize),
+    ) -> (Vec<E::Acc>, Vec<E::Acc>) {
+        let (level, d, dv, eps) = (self.level, self.d, self.dv, self.eps);
+        let (vp, dp) = (round_up_nr(dv), round_up_nr(d));
+        let one = E::Acc::ONE;
+        let nrows = r.qb - r.qa;
+        let b = &mut sg.b;
+        b.a.clear();
+        b.a.resize(nrows, E::Acc::ZERO);
+        E::Acc::dot_rows(level, &sg.qs, d, z.nwk, &mut b.a);
+        b.a.iter_mut()
+            .for_each(|x| *x = sigmoid((*x + eps * z.swk) * z.ratio));
+        b.daq.resize(nrows * d, E::Acc::ZERO);
+        b.daqq.resize(nrows, E::Acc::ZERO);
+        b.dih.resize(nrows, E::Acc::ZERO);
+        b.blk.resize(CHUNK * dp.max(vp), E::Acc::ZERO);
+        let mut ds = vec![E::Acc::ZERO; d * vp];
+        for i0 in (0..nrows).step_by(CHUNK) {
+            let nb = CHUNK.min(nrows - i0);
+            gather(
+                gr.dout,
+                self.qrow0 + r.qa + i0,
+                nb,
+                self.heads,
+                self.h,
+                dv,
+                &mut b.g,
+                |x| x,
+            );
+            mm(
+                level, nb, dv, &b.g, dv, 1, bst, bstps, d, &mut b.blk, dp, false,
+            );
+            for t in 0..nb {
+                b.daq[(i0 + t) * d..(i0 + t + 1) * d].copy_from_slice(&b.blk[t * dp..t * dp + d]);
+            }
+            // aq rows of the block, then dS += aqᵀ dout
+            sg.vb.clear();
+            for t in 0..nb {
+                let i = i0 + t;
+                let f = b.a[i] * sg.inv[i];
+                sg.vb
+                    .extend(sg.qs[i * d..(i + 1) * d].iter().map(|&x| f * x));
+            }
+            let bps = pack_n(&b.g, dv, nb, dv, &mut b.bg);
+            mm(
+                level, d, nb, &sg.vb, 1, d, &b.bg, bps, dv, &mut ds, vp, true,
+            );
+        }
+        for i in 0..nrows {
+            let qi = &sg.qs[i * d..(i + 1) * d];
+            let daqq = crate::linear::core::vdot(level, &b.daq[i * d..(i + 1) * d], qi);
+            b.daqq[i] = daqq;
+            b.dih[i] = sg.inv[i] * daqq * b.a[i] * (one - b.a[i]) * z.ratio;
+        }
+        let mut dwk = vec![E::Acc::ZERO; d];
+        axpy_rows_eps(level, &mut dwk, &b.dih, &sg.qs, eps);
+        (ds, dwk)
+    }
+
+    /// Key rows: `dv` (written), the core's `dφk`, `dc`, `dino`; returns `Σ c dc`, this
+    /// segment's `dsq` and the two parts of `dWq` (`Σ gate c dc (φk + ε)`, `Σ gate c (φk + ε)`).
+    #[allow(clippy::too_many_arguments)]
+    fn grad_k1(
+        &self,
+        r: Rows,
+        sg: &mut Seg<E::Acc>,
+        gr: &Grads<'_, E>,
+        z: &Sums<'_, E::Acc>,
+        dwk: &[E::Acc],
+        (bds, bdsps): (&[E::Acc], usize),
+        (bdst, bdstps): (&[E::Acc], usize),
+    ) -> (E::Acc, [Vec<E::Acc>; 3]) {
+        let (level, d, dv, eps) = (self.level, self.d, self.dv, self.eps);
+        let (vp, dp) = (round_up_nr(dv), round_up_nr(d));
+        let one = E::Acc::ONE;
+        let mrows = r.kb - r.ka;
+        let b = &mut sg.b;
+        b.dc.resize(mrows, E::Acc::ZERO);
+        b.dkc.resize(mrows * d, E::Acc::ZERO);
+        b.blk.resize(CHUNK * dp.max(vp), E::Acc::ZERO);
+        let mut s_cdc = E::Acc::ZERO;
+        for j0 in (0..mrows).step_by(CHUNK) {
+            let nb = CHUNK.min(mrows - j0);
+            gather(
+                self.v,
+                self.krow0 + r.ka + j0,
+                nb,
+                self.heads,
+                self.h,
+                dv,
+                &mut sg.vb,
+                |x| x,
+            );
+            mm(
+                level,
+                nb,
+                d,
+                &sg.ks[j0 * d..],
+                d,
+                1,
+                bds,
+                bdsps,
+                dv,
+                &mut b.blk,
+                vp,
+                false,
+            );
+            for t in 0..nb {
+                let j = j0 + t;
+                let c = z.cscale * b.e[j];
+                let dvc = &b.blk[t * vp..t * vp + dv];
+                let vrow = &mut sg.vb[t * dv..(t + 1) * dv];
+                let dc = crate::linear::core::vdot(level, dvc, vrow);
+                b.dc[j] = dc;
+                s_cdc += c * dc;
+                vrow.iter_mut().for_each(|x| *x *= c);
+                // SAFETY: key rows of head `h` in this segment belong to this call alone.
+                let dst = unsafe { gr.dv.slice(self.row_off(self.krow0, r.ka + j, dv), dv) };
+                b.g.clear();
+                b.g.extend(dvc.iter().map(|&x| c * x));
+                E::from_acc_slice(&b.g, dst);
+            }
+            mm(
+                level, nb, dv, &sg.vb, dv, 1, bdst, bdstps, d, &mut b.blk, dp, false,
+            );
+            for t in 0..nb {
+                b.dkc[(j0 + t) * d..(j0 + t + 1) * d].copy_from_slice(&b.blk[t * dp..t * dp + d]);
+            }
+        }
+        // dWq's two parts, gated by the clamp
+        b.g.clear();
+        b.g.extend((0..mrows).map(|j| {
+            let gate = sg.ohr[j] >= -one && sg.ohr[j] <= one;
+            if gate {
+                z.cscale * b.e[j]
+            } else {
+                E::Acc::ZERO
+            }
+        }));
+        let mut p2 = vec![E::Acc::ZERO; d];
+        axpy_rows_eps(level, &mut p2, &b.g, &sg.ks, eps);
+        b.g.iter_mut().zip(&b.dc).for_each(|(g, &dc)| *g *= dc);
+        let mut p1 = vec![E::Acc::ZERO; d];
+        axpy_rows_eps(level, &mut p1, &b.g, &sg.ks, eps);
+        // outflow chain
+        b.dino.clear();
+        b.dino.resize(mrows, E::Acc::ZERO);
+        E::Acc::dot_rows(level, &sg.ks, d, dwk, &mut b.dino);
+        b.dino
+            .iter_mut()
+            .zip(&b.o)
+            .for_each(|(x, &o)| *x = -*x * o * o);
+        let mut dsq = vec![E::Acc::ZERO; d];
+        axpy_rows_eps(level, &mut dsq, &b.dino, &sg.ks, eps);
+        (s_cdc, [dsq, p1, p2])
+    }
+
+    /// Query rows: `dq` (written); returns this segment's `dsk`.
+    fn grad_q2(
+        &self,
+        r: Rows,
+        sg: &mut Seg<E::Acc>,
+        gr: &Grads<'_, E>,
+        z: &Sums<'_, E::Acc>,
+        dwq: &[E::Acc],
+        dsq: &[E::Acc],
+    ) -> Vec<E::Acc> {
+        let (level, d, eps) = (self.level, self.d, self.eps);
+        let one = E::Acc::ONE;
+        let nrows = r.qb - r.qa;
+        let b = &mut sg.b;
+        let mut dini = vec![E::Acc::ZERO; nrows];
+        E::Acc::dot_rows(level, &sg.qs, d, dwq, &mut dini);
+        for (i, x) in dini.iter_mut().enumerate() {
+            let ii = sg.inv[i];
+            *x = -(b.a[i] * b.daqq[i] + *x) * ii * ii;
+        }
+        let mut dsk = vec![E::Acc::ZERO; d];
+        axpy_rows_eps(level, &mut dsk, &dini, &sg.qs, eps);
+        for i in 0..nrows {
+            let (ai, ii) = (b.a[i] * sg.inv[i], sg.inv[i]);
+            b.g.clear();
+            b.g.extend((0..d).map(|c| {
+                let x = ai * b.daq[i * d + c]
+                    + b.dih[i] * z.nwk[c]
+                    + ii * dwq[c]
+                    + dini[i] * z.nk[c]
+                    + dsq[c];
+                let s = sg.qs[i * d + c];
+                x * s * (one - s)
+            }));
+            // SAFETY: query rows of head `h` in this segment belong to this call alone.
+            let dst = unsafe { gr.dq.slice(self.row_off(self.qrow0, r.qa + i, d), d) };
+            E::from_acc_slice(&b.g, dst);
+        }
+        dsk
+    }
+
+    /// Key rows: `dk` (written).
+    #[allow(clippy::too_many_arguments)]
+    fn grad_k2(
+        &self,
+        r: Rows,
+        sg: &mut Seg<E::Acc>,
+        gr: &Grads<'_, E>,
+        z: &Sums<'_, E::Acc>,
+        scm: E::Acc,
+        dwk: &[E::Acc],
+        dsk: &[E::Acc],
+    ) {
+        let d = self.d;
+        let one = E::Acc::ONE;
+        let b = &mut sg.b;
+        for j in 0..r.kb - r.ka {
+            let gate = sg.ohr[j] >= -one && sg.ohr[j] <= one;
+            let dohr = if gate {
+                z.cscale * b.e[j] * (b.dc[j] - scm)
+            } else {
+                E::Acc::ZERO
+            };
+            let (oj, dn) = (b.o[j], b.dino[j]);
+            b.g.clear();
+            b.g.extend((0..d).map(|c| {
+                let x = b.dkc[j * d + c] + dohr * z.nwq[c] + oj * dwk[c] + dn * z.nq[c] + dsk[c];
+                let s = sg.ks[j * d + c];
+                x * s * (one - s)
+            }));
+            // SAFETY: key rows of head `h` in this segment belong to this call alone.
+            let dst = unsafe { gr.dk.slice(self.row_off(self.krow0, r.ka + j, d), d) };
+            E::from_acc_slice(&b.g, dst);
+        }
+    }
+}
+
+/// One head's backward: the forward's reductions, then the four gradient passes.
+fn run_head<E: Element>(
+    hd: &Head<'_, E>,
+    gr: &Grads<'_, E>,
+    n: usize,
+    m: usize,
+    segs: &impl Segments<E::Acc>,
+) {
+    let (eps, d, dv) = (hd.eps, hd.d, hd.dv);
+    let vp = round_up_nr(dv);
+    let (sq, sk): (Vec<_>, Vec<_>) = segs.each(&|r, sg| hd.sums(r, sg)).into_iter().unzip();
+    let ((nq, snq), (nk, snk)) = (shifted(add_all(sq), eps), shifted(add_all(sk), eps));
+    let (wq, wk): (Vec<_>, Vec<_>) = segs
+        .each(&|_, sg| {
+            let w = hd.flows(sg, (&nk, snk), (&nq, snq));
+            sg.b.o.clone_from(&sg.t);
+            w
+        })
+        .into_iter()
+        .unzip();
+    let ((nwq, swq), (nwk, swk)) = (shifted(add_all(wq), eps), shifted(add_all(wk), eps));
+    let (ss, totals): (Vec<_>, Vec<_>) = segs
+        .each(&|r, sg| {
+            let st = hd.state(r, sg, (&nwq, swq));
+            sg.b.e.clone_from(&sg.t);
+            st
+        })
+        .into_iter()
+        .unzip();
+    let total = totals.into_iter().fold(E::Acc::ZERO, |a, b| a + b);
+    let mf = E::Acc::from_f64(m as f64);
+    // the state with the competition's normalisation: S = Σ φ(k_j) (c_j v_j)ᵀ
+    let mut s = add_all(ss);
+    s.iter_mut().for_each(|x| *x *= mf / total);
+    let z = Sums {
+        nq: &nq,
+        nk: &nk,
+        nwq: &nwq,
+        nwk: &nwk,
+        swk,
+        ratio: E::Acc::from_f64(n as f64 / m as f64),
+        cscale: mf / total,
+    };
+    let mut bst = Vec::new();
+    let bstps = pack_t(&s, vp, d, dv, &mut bst);
+    let (dss, dwks): (Vec<_>, Vec<_>) = segs
+        .each(&|r, sg| hd.grad_q1(r, sg, gr, &z, (&bst, bstps)))
+        .into_iter()
+        .unzip();
+    let (ds, dwk) = (add_all(dss), add_all(dwks));
+    let (mut bds, mut bdst) = (Vec::new(), Vec::new());
+    let bdsps = pack_n(&ds, vp, d, dv, &mut bds);
+    let bdstps = pack_t(&ds, vp, d, dv, &mut bdst);
+    let parts = segs.each(&|r, sg| hd.grad_k1(r, sg, gr, &z, &dwk, (&bds, bdsps), (&bdst, bdstps)));
+    let s_cdc = parts.iter().fold(E::Acc::ZERO, |a, p| a + p.0);
+    let [mut dsq, mut p1, mut p2] = [Vec::new(), Vec::new(), Vec::new()];
+    for (_, [a, b, c]) in parts {
+        for (acc, x) in [(&mut dsq, a), (&mut p1, b), (&mut p2, c)] {
+            if acc.is_empty() {
+                *acc = x;
+            } else {
+                acc.iter_mut().zip(&x).for_each(|(u, &w)| *u += w);
+            }
+        }
+    }
+    let scm = s_cdc / mf;
+    let dwq: Vec<_> = p1.iter().zip(&p2).map(|(&a, &b)| a - scm * b).collect();
+    let dsk = add_all(segs.each(&|r, sg| hd.grad_q2(r, sg, gr, &z, &dwq, &dsq)));
+    segs.each(&|r, sg| hd.grad_k2(r, sg, gr, &z, scm, &dwk, &dsk));
+}
+
+/// The backward over every (batch, head); `q_len` and `kv_len` must be positive.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward<E: Element>(
+    level: Level,
+    dims: &FlowDims,
+    eps: E::Acc,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    dout: &[E],
+    dq: &mut [E],
+    dk: &mut [E],
+    dv: &mut [E],
+) {
+    let (n, m, hs) = (dims.q_len, dims.kv_len, dims.heads);
+    let threads = rayon::current_num_threads().max(1);
+    let gr = Grads {
+        dout,
+        dq: SharedMut(dq.as_mut_ptr()),
+        dk: SharedMut(dk.as_mut_ptr()),
+        dv: SharedMut(dv.as_mut_ptr()),
+    };
+    let tasks = dims.batch * hs;
+    let head = |task: usize| Head {
+        q,
+        k,
+        v,
+        level,
+        qrow0: (task / hs) * n,
+        krow0: (task / hs) * m,
+        h: task % hs,
+        heads: hs,
+        d: dims.head_dim,
+        dv: dims.v_head_dim,
+        eps,
+    };
+    if tasks < threads && n.min(m) >= MIN_SPLIT_ROWS * threads {
+        let rows = n.max(m).div_ceil(threads);
+        let segs: Vec<Mutex<Seg<E::Acc>>> = (0..threads)
+            .map(|_| Mutex::new(Seg::new(rows, dims.head_dim)))
+            .collect();
+        let split = Split { segs: &segs, n, m };
+        for task in 0..tasks {
+            run_head(&head(task), &gr, n, m, &split);
+        }
+    } else {
+        let per: PerThread<Seg<E::Acc>> = PerThread::new();
+        (0..tasks).into_par_iter().for_each(|task| {
+            per.with(
+                || Seg::new(n.max(m), dims.head_dim),
+                |sg| {
+                    run_head(
+                        &head(task),
+                        &gr,
+                        n,
+                        m,
+                        &Whole {
+                            sg: RefCell::new(sg),
+                            n,
+                            m,
+                        },
+                    )
+                },
+            )
+        });
+    }
+}
