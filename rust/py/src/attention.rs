@@ -22,6 +22,14 @@ fn dims((batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim): Dims) -
     }
 }
 
+/// Estimated FLOPs of a forward (decides whether the call runs inline).
+fn work(d: &AttnDims) -> f64 {
+    4.0 * [d.batch, d.q_len, d.kv_len, d.q_heads, d.head_dim.max(d.v_head_dim)]
+        .iter()
+        .map(|&x| x as f64)
+        .product::<f64>()
+}
+
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward(
@@ -48,7 +56,7 @@ fn attention_forward(
             slice_mut::<E>("out", out)?,
             slice_mut::<<E as Element>::Acc>("lse", lse)?,
         )};
-        run(py, threads, move || attention::forward(&d, scale, causal, q, k, v, out, lse))
+        run(py, threads, work(&d), move || attention::forward(&d, scale, causal, q, k, v, out, lse))
     })
 }
 
@@ -85,7 +93,7 @@ fn attention_backward(
             slice_mut::<E>("dk", dk)?,
             slice_mut::<E>("dv", dv)?,
         )};
-        run(py, threads, move || {
+        run(py, threads, work(&d), move || {
             attention::backward(&d, scale, causal, q, k, v, out, dout, lse, dq, dk, dv)
         })
     })

@@ -20,6 +20,14 @@ fn dims((batch, q_len, kv_len, heads, head_dim, v_head_dim): Dims) -> FlowDims {
     }
 }
 
+/// Estimated FLOPs of a forward (decides whether the call runs inline).
+fn work(d: &FlowDims) -> f64 {
+    4.0 * [d.batch, d.q_len.max(d.kv_len), d.heads, d.head_dim, d.v_head_dim]
+        .iter()
+        .map(|&x| x as f64)
+        .product::<f64>()
+}
+
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn flow_attention_forward(
@@ -43,7 +51,7 @@ fn flow_attention_forward(
             slice::<E>("v", v)?,
             slice_mut::<E>("out", out)?,
         )};
-        run(py, threads, move || flow::forward(&d, causal, eps, q, k, v, out))
+        run(py, threads, work(&d), move || flow::forward(&d, causal, eps, q, k, v, out))
     })
 }
 
@@ -76,7 +84,7 @@ fn flow_attention_backward(
             slice_mut::<E>("dk", dk)?,
             slice_mut::<E>("dv", dv)?,
         )};
-        run(py, threads, move || flow::backward(&d, causal, eps, q, k, v, dout, dq, dk, dv))
+        run(py, threads, work(&d), move || flow::backward(&d, causal, eps, q, k, v, dout, dq, dk, dv))
     })
 }
 

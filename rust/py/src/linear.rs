@@ -41,6 +41,14 @@ unsafe fn opt<'a, T>(name: &str, b: Option<Buf>) -> PyResult<Option<&'a [T]>> {
     b.map(|b| slice::<T>(name, b)).transpose()
 }
 
+/// Estimated FLOPs of a forward (decides whether the call runs inline).
+fn work(d: &LinearDims) -> f64 {
+    4.0 * [d.batch, d.seq_len, d.heads, d.head_dim, d.v_head_dim]
+        .iter()
+        .map(|&x| x as f64)
+        .product::<f64>()
+}
+
 #[pyfunction]
 #[pyo3(signature = (dtype, shape, scale, causal, normalize, feature_map, threads, q, k, v, init_kv, init_z, cu_seqlens, out, final_kv, final_z))]
 #[allow(clippy::too_many_arguments)]
@@ -79,7 +87,7 @@ fn linear_attention_forward(
             slice_mut::<<E as Element>::Acc>("final_kv", final_kv)?,
             slice_mut::<<E as Element>::Acc>("final_z", final_z)?,
         )};
-        run(py, threads, move || linear::forward(&d, &o, cu, q, k, v, s0, z0, out, fkv, fz))
+        run(py, threads, work(&d), move || linear::forward(&d, &o, cu, q, k, v, s0, z0, out, fkv, fz))
     })
 }
 
@@ -130,7 +138,7 @@ fn linear_attention_backward(
             slice_mut::<<E as Element>::Acc>("d_initial_kv", d_init_kv)?,
             slice_mut::<<E as Element>::Acc>("d_initial_z", d_init_z)?,
         )};
-        run(py, threads, move || {
+        run(py, threads, work(&d), move || {
             linear::backward(&d, &o, cu, q, k, v, s0, z0, dout, gkv, gz, dq, dk, dv, dkv0, dz0)
         })
     })

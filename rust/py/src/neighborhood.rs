@@ -28,6 +28,14 @@ fn convert(shape: Dims, params: Params) -> PyResult<(NaDims, NaParams)> {
     ))
 }
 
+/// Estimated FLOPs of a forward (decides whether the call runs inline).
+fn work(d: &NaDims, p: &NaParams) -> f64 {
+    let keys: f64 = p.kernel_size[..d.rank].iter().map(|&k| k as f64).product::<f64>()
+        + d.n_additional as f64;
+    let queries: f64 = d.spatial[..d.rank].iter().map(|&x| x as f64).product();
+    4.0 * (d.batch * d.q_heads * d.head_dim.max(d.v_head_dim)) as f64 * queries * keys
+}
+
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn na_forward(
@@ -57,7 +65,7 @@ fn na_forward(
             slice_mut::<E>("out", out)?,
             slice_mut::<<E as Element>::Acc>("lse", lse)?,
         )};
-        run(py, threads, move || neighborhood::forward(&d, &p, q, k, v, ak, av, out, lse))
+        run(py, threads, work(&d, &p), move || neighborhood::forward(&d, &p, q, k, v, ak, av, out, lse))
     })
 }
 
@@ -98,7 +106,7 @@ fn na_backward(
             slice_mut::<E>("d_additional_keys", dak)?,
             slice_mut::<E>("d_additional_values", dav)?,
         )};
-        run(py, threads, move || {
+        run(py, threads, work(&d, &p), move || {
             neighborhood::backward(&d, &p, q, k, v, ak, av, out, dout, lse, dq, dk, dv, dak, dav)
         })
     })

@@ -29,14 +29,45 @@ fn pool(threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(p)
 }
 
-/// Runs a kernel without the GIL on a pool of `threads`, mapping kernel errors to
-/// ValueError and any panic to RuntimeError so nothing aborts the interpreter.
-pub fn run<F>(py: Python<'_>, threads: usize, f: F) -> PyResult<()>
+/// Calls estimated below this many FLOPs run on the calling thread: handing work to the
+/// pool and waking its threads costs tens of microseconds, more than such a call computes
+/// (a decode step, T=1 attention).
+const INLINE_WORK: f64 = 2e6;
+
+thread_local! {
+    /// A one-thread pool whose only worker is this thread, so `install` runs inline.
+    static INLINE: std::cell::OnceCell<Option<rayon::ThreadPool>> = const { std::cell::OnceCell::new() };
+}
+
+/// Runs a kernel without the GIL on a pool of `threads` (or inline when `threads` is 1 or
+/// the call is small: `work` is its estimated FLOPs), mapping kernel errors to ValueError
+/// and any panic to RuntimeError so nothing aborts the interpreter.
+pub fn run<F>(py: Python<'_>, threads: usize, work: f64, f: F) -> PyResult<()>
 where
     F: FnOnce() -> Result<(), KernelError> + Send,
 {
-    let p = pool(threads)?;
-    let result = py.detach(|| catch_unwind(AssertUnwindSafe(|| p.install(f))));
+    let inline = threads <= 1 || work < INLINE_WORK;
+    let p = if inline { None } else { Some(pool(threads)?) };
+    let result = py.detach(|| {
+        catch_unwind(AssertUnwindSafe(|| match &p {
+            Some(p) => p.install(f),
+            None => INLINE.with(|cell| {
+                let local = cell.get_or_init(|| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .use_current_thread()
+                        .build()
+                        .ok()
+                });
+                match local {
+                    Some(local) => local.install(f),
+                    // no inline pool could be built: run here (parallel loops then use
+                    // rayon's global pool)
+                    None => f(),
+                }
+            }),
+        }))
+    });
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(PyValueError::new_err(e.to_string())),
@@ -91,7 +122,7 @@ fn release_buffers() {
 #[pyfunction]
 fn _panic_in_kernel_for_tests(py: Python<'_>, threads: usize) -> PyResult<()> {
     use rayon::prelude::*;
-    run(py, threads, || {
+    run(py, threads, f64::INFINITY, || {
         (0..4usize).into_par_iter().for_each(|i| {
             if i == 3 {
                 panic!("deliberate test panic");
