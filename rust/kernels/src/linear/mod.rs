@@ -494,13 +494,51 @@ pub fn backward<E: Element>(
     let scale = E::Acc::from_f64(opts.scale);
     let fm = opts.feature_map;
     let maxlen = seqs.iter().map(|s| s.1).max().unwrap_or(0);
+    // Long causal sequences run backward segment by segment (see `backward_segmented`).
+    let rows_max = if opts.causal {
+        maxlen.min(SEGMENT)
+    } else {
+        maxlen
+    };
     let per: PerThread<Scratch<E::Acc>> = PerThread::new();
     (0..n * h).into_par_iter().for_each(|task| {
         let (si, hh) = (task / h, task % h);
         let (row0, len) = seqs[si];
         per.with(
-            || Scratch::new(maxlen * kd, maxlen * vd),
+            || Scratch::new(rows_max * kd, rows_max * vd),
             |sc| {
+                let states = Opt4 {
+                    s0: init_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]),
+                    z0: init_z.map(|s| &s[task * kd..(task + 1) * kd]),
+                    gs: d_final_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]),
+                    gz: d_final_z.map(|s| &s[task * kd..(task + 1) * kd]),
+                };
+                if opts.causal && len > SEGMENT {
+                    let io = SegIo {
+                        q,
+                        k,
+                        v,
+                        dout,
+                        heads: h,
+                        h: hh,
+                        kd,
+                        vd,
+                        row0,
+                        len,
+                    };
+                    let (gs, gz) =
+                        backward_segmented(level, opts, &io, &states, sc, (dqp, dkp, dvp));
+                    // SAFETY: task `task` owns state slot `task`.
+                    unsafe {
+                        if want_kv {
+                            dskv.slice(task * kd * vd, kd * vd).copy_from_slice(&gs);
+                        }
+                        if want_z {
+                            dsz.slice(task * kd, kd).copy_from_slice(&gz);
+                        }
+                    }
+                    return;
+                }
                 gather(q, row0, len, h, hh, kd, &mut sc.aq, |x| x);
                 gather(k, row0, len, h, hh, kd, &mut sc.kf, |x| x);
                 gather(v, row0, len, h, hh, vd, &mut sc.v, |x| x);
@@ -523,10 +561,7 @@ pub fn backward<E: Element>(
                     causal: opts.causal,
                     normalize: opts.normalize,
                 };
-                let s0 = init_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]);
-                let z0 = init_z.map(|s| &s[task * kd..(task + 1) * kd]);
-                let gs = d_final_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]);
-                let gz = d_final_z.map(|s| &s[task * kd..(task + 1) * kd]);
+                let Opt4 { s0, z0, gs, gz } = states;
                 // SAFETY: task `task` owns state slot `task` and rows (row0.., head hh).
                 let (ds0, dz0) = unsafe {
                     (
@@ -564,6 +599,156 @@ pub fn backward<E: Element>(
         );
     });
     Ok(())
+}
+
+/// A task's optional initial states and final-state gradients.
+#[derive(Clone, Copy)]
+struct Opt4<'a, A> {
+    s0: Option<&'a [A]>,
+    z0: Option<&'a [A]>,
+    gs: Option<&'a [A]>,
+    gz: Option<&'a [A]>,
+}
+
+/// Where one (sequence, head) task reads its rows.
+struct SegIo<'a, E> {
+    q: &'a [E],
+    k: &'a [E],
+    v: &'a [E],
+    dout: &'a [E],
+    heads: usize,
+    h: usize,
+    kd: usize,
+    vd: usize,
+    row0: usize,
+    len: usize,
+}
+
+/// Causal backward of one long (sequence, head) in segments of [`SEGMENT`] rows, so the
+/// working set stays in cache: a forward sweep keeps the states entering each segment, then
+/// segments run backward from last to first, each handing the gradient of its entering
+/// state to the one before. Writes dq/dk/dv; returns the initial states' gradients.
+fn backward_segmented<E: Element>(
+    level: Level,
+    opts: &LinearOpts,
+    io: &SegIo<'_, E>,
+    st: &Opt4<'_, E::Acc>,
+    sc: &mut Scratch<E::Acc>,
+    (dqp, dkp, dvp): (SharedMut<E>, SharedMut<E>, SharedMut<E>),
+) -> (Vec<E::Acc>, Vec<E::Acc>) {
+    let zero = <E::Acc as Acc>::ZERO;
+    let (heads, h, kd, vd, len) = (io.heads, io.h, io.kd, io.vd, io.len);
+    let (scale, fm) = (E::Acc::from_f64(opts.scale), opts.feature_map);
+    let vp = crate::gemm::round_up_nr(vd);
+    let nseg = len.div_ceil(SEGMENT);
+    // States entering each segment (S padded to `vp` columns for the GEMM).
+    let mut ck_s = vec![zero; nseg * kd * vp];
+    let mut ck_z = vec![zero; nseg * kd];
+    if let Some(s0) = st.s0 {
+        for r in 0..kd {
+            ck_s[r * vp..r * vp + vd].copy_from_slice(&s0[r * vd..(r + 1) * vd]);
+        }
+    }
+    if let Some(z0) = st.z0 {
+        ck_z[..kd].copy_from_slice(z0);
+    }
+    let mut packed = Vec::new();
+    for si in 0..nseg - 1 {
+        let (start, sl) = (si * SEGMENT, SEGMENT);
+        gather(io.k, io.row0 + start, sl, heads, h, kd, &mut sc.kf, |x| x);
+        fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, None);
+        gather(io.v, io.row0 + start, sl, heads, h, vd, &mut sc.v, |x| x);
+        let (done, next) = ck_s.split_at_mut((si + 1) * kd * vp);
+        let next = &mut next[..kd * vp];
+        next.copy_from_slice(&done[si * kd * vp..]);
+        let bps = core::pack_n(&sc.v, vd, sl, vd, &mut packed);
+        core::mm(
+            level, kd, sl, &sc.kf, 1, kd, &packed, bps, vd, next, vp, true,
+        );
+        let (zd, zn) = ck_z.split_at_mut((si + 1) * kd);
+        zn[..kd].copy_from_slice(&zd[si * kd..]);
+        for row in sc.kf.chunks_exact(kd) {
+            zn[..kd].iter_mut().zip(row).for_each(|(z, &x)| *z += x);
+        }
+    }
+    let mut gs = st.gs.map_or_else(|| vec![zero; kd * vd], <[_]>::to_vec);
+    let mut gz = st.gz.map_or_else(|| vec![zero; kd], <[_]>::to_vec);
+    let (mut ds0, mut dz0) = (vec![zero; kd * vd], vec![zero; kd]);
+    let mut s_in = vec![zero; kd * vd];
+    for si in (0..nseg).rev() {
+        let start = si * SEGMENT;
+        let sl = SEGMENT.min(len - start);
+        let rows = io.row0 + start;
+        gather(io.q, rows, sl, heads, h, kd, &mut sc.aq, |x| x);
+        gather(io.k, rows, sl, heads, h, kd, &mut sc.kf, |x| x);
+        gather(io.v, rows, sl, heads, h, vd, &mut sc.v, |x| x);
+        fm.apply_rows(level, &mut sc.aq, &mut sc.tmp, Some(&mut sc.qd));
+        fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, Some(&mut sc.kd));
+        sc.aq.iter_mut().for_each(|x| *x *= scale);
+        gather(io.dout, rows, sl, heads, h, vd, &mut sc.g, |x| x);
+        for (buf, n) in [
+            (&mut sc.o, sl * kd),
+            (&mut sc.dk, sl * kd),
+            (&mut sc.dv, sl * vd),
+        ] {
+            buf.clear();
+            buf.resize(n, zero);
+        }
+        for r in 0..kd {
+            s_in[r * vd..(r + 1) * vd].copy_from_slice(&ck_s[(si * kd + r) * vp..][..vd]);
+        }
+        let first = si == 0;
+        let core = Core {
+            lq: sl,
+            lk: sl,
+            k: kd,
+            v: vd,
+            causal: true,
+            normalize: opts.normalize,
+        };
+        core.backward(
+            level,
+            &sc.aq,
+            &sc.kf,
+            &sc.v,
+            if first && st.s0.is_none() {
+                None
+            } else {
+                Some(&s_in[..])
+            },
+            if first && st.z0.is_none() {
+                None
+            } else {
+                Some(&ck_z[si * kd..(si + 1) * kd])
+            },
+            &sc.g,
+            Some(&gs[..]),
+            Some(&gz[..]),
+            &mut sc.o,
+            &mut sc.dk,
+            &mut sc.dv,
+            &mut ds0,
+            &mut dz0,
+            &mut sc.ws,
+        );
+        std::mem::swap(&mut gs, &mut ds0);
+        std::mem::swap(&mut gz, &mut dz0);
+        for ((g, &d), (gk, &dk)) in
+            sc.o.iter_mut()
+                .zip(sc.qd.iter())
+                .zip(sc.dk.iter_mut().zip(sc.kd.iter()))
+        {
+            *g = *g * scale * d;
+            *gk *= dk;
+        }
+        // SAFETY: the task owns these rows of head `h`.
+        unsafe {
+            scatter::<E>(&sc.o, rows, sl, heads, h, kd, dqp);
+            scatter::<E>(&sc.dk, rows, sl, heads, h, kd, dkp);
+            scatter::<E>(&sc.dv, rows, sl, heads, h, vd, dvp);
+        }
+    }
+    (gs, gz)
 }
 
 #[cfg(test)]

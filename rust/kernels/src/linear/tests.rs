@@ -218,13 +218,52 @@ fn forward_matches_naive_every_level() {
 /// Backward against central finite differences of a random projection of all outputs.
 #[test]
 fn backward_matches_finite_differences() {
-    let mut seed = 5u64;
+    let small = cases()
+        .into_iter()
+        .filter(|c| c.d.seq_len <= 70 && c.d.head_dim <= 5)
+        .collect::<Vec<_>>();
+    check_backward(&small, 7, 5);
+}
+
+/// Causal sequences longer than a segment run backward segment by segment, handing state
+/// gradients from one segment to the one before (uneven lengths, packed sequences, initial
+/// states, both normalisations).
+#[test]
+fn long_causal_backward_matches_finite_differences() {
+    let mut long = vec![];
+    for &(b, t, ref cu) in &[
+        (1, 1100, None),
+        (2, SEGMENT + 3, None),
+        (1, 1500, Some(vec![0, 5, 1030, 1500])),
+    ] {
+        for normalize in [true, false] {
+            long.push(Case {
+                d: LinearDims {
+                    batch: b,
+                    seq_len: t,
+                    heads: 2,
+                    head_dim: 3,
+                    v_head_dim: 2,
+                },
+                o: LinearOpts {
+                    scale: 0.7,
+                    causal: true,
+                    normalize,
+                    feature_map: FeatureMap::Elu1,
+                },
+                cu: cu.clone(),
+                init: true,
+            });
+        }
+    }
+    check_backward(&long, 97, 6);
+}
+
+fn check_backward(cases: &[Case], stride: usize, seed: u64) {
+    let mut seed = seed;
     for level in crate::simd::available() {
         crate::simd::force(Some(level)).unwrap();
-        for c in cases()
-            .into_iter()
-            .filter(|c| c.d.seq_len <= 70 && c.d.head_dim <= 5)
-        {
+        for c in cases {
             let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
             let rows = c.d.batch * c.d.seq_len;
             let n = sequences(c.d.batch, c.d.seq_len, c.cu.as_deref())
@@ -299,7 +338,7 @@ fn backward_matches_finite_differences() {
                 if which >= 3 && !init {
                     continue;
                 }
-                for i in (0..args[which].len()).step_by(7) {
+                for i in (0..args[which].len()).step_by(stride) {
                     let x = args[which][i];
                     args[which][i] = x + eps;
                     let lp = loss(&args[0], &args[1], &args[2], &args[3], &args[4]);

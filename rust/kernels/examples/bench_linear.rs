@@ -1,0 +1,98 @@
+//! fp32 causal linear-attention timings (fla defaults: normalize, scale D^-0.5; B=1, H=8,
+//! D=64), forward and backward.
+//!
+//! `RAYON_NUM_THREADS=2 cargo run --release -p fastattn-kernels --example bench_linear [T...]`
+//! Prints the best of several runs; GFLOP/s counts `T·(4·D·Dv + 64·2·D)` per head as the
+//! table does (backward: 2.5× that).
+
+use fastattn_kernels::linear::{backward, forward, FeatureMap, LinearDims, LinearOpts};
+use std::time::Instant;
+
+fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let ts: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let ts = if ts.is_empty() {
+        vec![1024, 4096, 16384]
+    } else {
+        ts
+    };
+    let (h, d) = (8, 64);
+    let opts = LinearOpts {
+        scale: 0.125,
+        causal: true,
+        normalize: true,
+        feature_map: FeatureMap::Identity,
+    };
+    println!("threads={}", rayon::current_num_threads());
+    for &t in &ts {
+        let dims = LinearDims {
+            batch: 1,
+            seq_len: t,
+            heads: h,
+            head_dim: d,
+            v_head_dim: d,
+        };
+        let len = t * h * d;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        let mut out = vec![0f32; len];
+        let (mut dq, mut dk, mut dv) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
+        let fwd = best_ms(5, || {
+            forward(
+                &dims,
+                &opts,
+                None,
+                &x,
+                &x,
+                &x,
+                None,
+                None,
+                &mut out,
+                &mut [],
+                &mut [],
+            )
+            .unwrap()
+        });
+        let bwd = best_ms(3, || {
+            backward(
+                &dims,
+                &opts,
+                None,
+                &x,
+                &x,
+                &x,
+                None,
+                None,
+                &x,
+                None,
+                None,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &mut [],
+                &mut [],
+            )
+            .unwrap()
+        });
+        let gf = (h * t * (4 * d * d + 64 * 2 * d)) as f64 / 1e9;
+        println!(
+            "T={t:<6} fwd {fwd:8.2} ms {:6.1} GFLOP/s   bwd {bwd:8.2} ms {:6.1} GFLOP/s",
+            gf / fwd * 1e3,
+            2.5 * gf / bwd * 1e3
+        );
+    }
+}
