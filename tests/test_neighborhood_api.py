@@ -256,3 +256,25 @@ def test_numpy_bad_input():
         fastattn.numpy.neighborhood_attention_backward(out, q, k, v, out, lse[..., :1], 3)
     with pytest.raises(ValueError, match="dout must have shape"):
         fastattn.numpy.neighborhood_attention_backward(out[:1], q, k, v, out, lse, 3)
+
+
+def test_forward_memory_is_not_n_times_window():
+    """The forward's extra memory stays O(N·H): a window matrix here would be 63 MB."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch, fastattn
+torch.manual_seed(0)
+q, k, v = (torch.randn(1, 128, 128, 1, 16) for _ in range(3))
+fastattn.na2d(q[:, :40, :40], k[:, :40, :40], v[:, :40, :40], 31)  # warm-up: pool, tiles
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = fastattn.na2d(q, k, v, 31)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    grown = int(res.stdout.split()[-1])
+    window_matrix = 128 * 128 * 31 * 31 * 4
+    assert grown < window_matrix // 4, (grown, window_matrix)
