@@ -368,6 +368,32 @@ pub fn forward<E: Element>(
                 // running states: `dk` holds kv (k×v), `dv` holds z (k)
                 let s0 = init_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]);
                 let z0 = init_z.map(|s| &s[task * kd..(task + 1) * kd]);
+                if opts.causal && len == 1 {
+                    // SAFETY: task `task` owns its output row and state slots.
+                    let (o, skv, sz) = unsafe {
+                        (
+                            outp.slice((row0 * h + hh) * vd, vd),
+                            if want_kv {
+                                fkv.slice(task * kd * vd, kd * vd)
+                            } else {
+                                &mut [][..]
+                            },
+                            if want_z {
+                                fz.slice(task * kd, kd)
+                            } else {
+                                &mut [][..]
+                            },
+                        )
+                    };
+                    let off = |w: usize| (row0 * h + hh) * w;
+                    let rows = (
+                        &q[off(kd)..off(kd) + kd],
+                        &k[off(kd)..off(kd) + kd],
+                        &v[off(vd)..off(vd) + vd],
+                    );
+                    decode_step(level, opts, rows, (s0, z0), o, (skv, sz), sc);
+                    return;
+                }
                 sc.dk.clear();
                 sc.dk.resize(kd * vd, zero);
                 sc.dv.clear();
@@ -599,6 +625,67 @@ pub fn backward<E: Element>(
         );
     });
     Ok(())
+}
+
+/// One causal step from a state (a decode step): `S' = S + φ(k) vᵀ`, `z' = z + φ(k)`,
+/// `o = s φ(q) S'` (divided by `s φ(q)·z' + 1e-10` when normalising), in one pass over `S`
+/// instead of the chunked core's packing and copies.
+fn decode_step<E: Element>(
+    level: Level,
+    opts: &LinearOpts,
+    (q, k, v): (&[E], &[E], &[E]),
+    (s0, z0): (Option<&[E::Acc]>, Option<&[E::Acc]>),
+    out: &mut [E],
+    (s_fin, z_fin): (&mut [E::Acc], &mut [E::Acc]),
+    sc: &mut Scratch<E::Acc>,
+) {
+    let zero = <E::Acc as Acc>::ZERO;
+    let (kd, vd) = (q.len(), v.len());
+    let scale = E::Acc::from_f64(opts.scale);
+    for (buf, x) in [(&mut sc.aq, q), (&mut sc.kf, k)] {
+        buf.clear();
+        buf.resize(kd, zero);
+        E::to_acc_slice(x, buf);
+    }
+    opts.feature_map
+        .apply_rows(level, &mut sc.aq, &mut sc.tmp, None);
+    opts.feature_map
+        .apply_rows(level, &mut sc.kf, &mut sc.tmp, None);
+    sc.v.clear();
+    sc.v.resize(vd, zero);
+    E::to_acc_slice(v, &mut sc.v);
+    sc.o.clear();
+    sc.o.resize(vd, zero);
+    sc.g.clear();
+    sc.g.resize(vd, zero);
+    let mut den = zero;
+    for r in 0..kd {
+        let (qr, kr) = (sc.aq[r] * scale, sc.kf[r]);
+        let row = &mut sc.g[..vd];
+        match s0 {
+            Some(s) => row.copy_from_slice(&s[r * vd..(r + 1) * vd]),
+            None => row.fill(zero),
+        }
+        row.iter_mut()
+            .zip(sc.v.iter())
+            .for_each(|(x, &y)| *x += kr * y);
+        sc.o.iter_mut()
+            .zip(row.iter())
+            .for_each(|(o, &x)| *o += qr * x);
+        if !s_fin.is_empty() {
+            s_fin[r * vd..(r + 1) * vd].copy_from_slice(row);
+        }
+        let zr = z0.map_or(zero, |z| z[r]) + kr;
+        den += qr * zr;
+        if !z_fin.is_empty() {
+            z_fin[r] = zr;
+        }
+    }
+    if opts.normalize {
+        let inv = E::Acc::ONE / (den + E::Acc::from_f64(core::NORM_EPS));
+        sc.o.iter_mut().for_each(|x| *x *= inv);
+    }
+    E::from_acc_slice(&sc.o, out);
 }
 
 /// A task's optional initial states and final-state gradients.
