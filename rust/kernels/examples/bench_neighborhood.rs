@@ -35,12 +35,18 @@ fn main() {
         ("na2d 64x64 k=13 D=64", 1, &[64, 64], 4, 64, 13, 1),
         ("na2d 56x56 k=7 D=32", 1, &[56, 56], 4, 32, 7, 1),
         ("na2d 128x128 k=7 d=2 D=32 B=2", 2, &[128, 128], 4, 32, 7, 2),
+        ("na3d 8x16x16 k=3 D=64", 1, &[8, 16, 16], 4, 64, 3, 1),
     ];
     println!(
         "{:<32} {:>9} {:>9} {:>11} {:>9}",
         "shape", "fwd ms", "GFLOP/s", "fwd+bwd ms", "GFLOP/s"
     );
+    // BENCH_ONLY=substring restricts the run to matching shapes (for profiling one case).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     for &(name, b, sp, h, d, k, dil) in shapes {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         let r = sp.len();
         let dims = NaDims::new(b, sp, h, h, d, d, 0);
         let params = NaParams::new(

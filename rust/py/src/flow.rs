@@ -22,10 +22,16 @@ fn dims((batch, q_len, kv_len, heads, head_dim, v_head_dim): Dims) -> FlowDims {
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
 fn work(d: &FlowDims) -> f64 {
-    4.0 * [d.batch, d.q_len.max(d.kv_len), d.heads, d.head_dim, d.v_head_dim]
-        .iter()
-        .map(|&x| x as f64)
-        .product::<f64>()
+    4.0 * [
+        d.batch,
+        d.q_len.max(d.kv_len),
+        d.heads,
+        d.head_dim,
+        d.v_head_dim,
+    ]
+    .iter()
+    .map(|&x| x as f64)
+    .product::<f64>()
 }
 
 #[pyfunction]

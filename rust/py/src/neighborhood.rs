@@ -30,7 +30,10 @@ fn convert(shape: Dims, params: Params) -> PyResult<(NaDims, NaParams)> {
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
 fn work(d: &NaDims, p: &NaParams) -> f64 {
-    let keys: f64 = p.kernel_size[..d.rank].iter().map(|&k| k as f64).product::<f64>()
+    let keys: f64 = p.kernel_size[..d.rank]
+        .iter()
+        .map(|&k| k as f64)
+        .product::<f64>()
         + d.n_additional as f64;
     let queries: f64 = d.spatial[..d.rank].iter().map(|&x| x as f64).product();
     4.0 * (d.batch * d.q_heads * d.head_dim.max(d.v_head_dim)) as f64 * queries * keys

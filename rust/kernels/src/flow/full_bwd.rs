@@ -268,6 +268,7 @@ impl<E: Element> Head<'_, E> {
         }
         let mut dsk = vec![E::Acc::ZERO; d];
         axpy_rows_eps(level, &mut dsk, &dini, &sg.qs, eps);
+        #[allow(clippy::needless_range_loop)] // i indexes six per-row arrays
         for i in 0..nrows {
             let (ai, ii) = (b.a[i] * sg.inv[i], sg.inv[i]);
             b.g.clear();

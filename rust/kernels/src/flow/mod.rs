@@ -334,6 +334,7 @@ impl<A: Acc> Scratch<A> {
 
     /// Chain rule through the non-causal scalars: `daq`, `dks` (core part, completed here),
     /// `dvc` (turned into dv) → `dqs`, `dks`.
+    #[allow(clippy::needless_range_loop)] // rows index several per-row arrays at once
     fn chain_full(&mut self, level: Level, n: usize, m: usize, d: usize, dv: usize, eps: A) {
         let mf = A::from_f64(m as f64);
         let ratio = A::from_f64(n as f64 / m as f64);

@@ -76,7 +76,7 @@ pub(crate) fn pack_t<A: Acc>(
 ) -> usize {
     let len = panels(rows) * cols * NR;
     out.resize(len, A::ZERO);
-    if rows % NR != 0 {
+    if !rows.is_multiple_of(NR) {
         // the last panel's missing rows must read as zeros
         let start = (rows / NR) * cols * NR;
         out[start..len].fill(A::ZERO);

@@ -630,6 +630,7 @@ pub fn backward<E: Element>(
 /// One causal step from a state (a decode step): `S' = S + φ(k) vᵀ`, `z' = z + φ(k)`,
 /// `o = s φ(q) S'` (divided by `s φ(q)·z' + 1e-10` when normalising), in one pass over `S`
 /// instead of the chunked core's packing and copies.
+#[allow(clippy::type_complexity)]
 fn decode_step<E: Element>(
     level: Level,
     opts: &LinearOpts,

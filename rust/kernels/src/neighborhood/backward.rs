@@ -1,15 +1,20 @@
-//! Backward pass: one task per (query tile, batch, query head), recomputing `P` from the saved
-//! lse one key panel at a time. A task owns dQ of its queries; dK / dV of the key box (boxes of
-//! neighbouring tiles overlap) go to per-worker accumulators summed at the end.
+//! Backward pass: one task per (query tile, batch, kv head), recomputing `P` from the saved
+//! lse one key panel at a time. A task owns dQ of its queries (every q head of its kv head).
+//! dK / dV of its key box are summed over those heads, then added into one shared
+//! accumulator: tiles run in colour phases in which same-coloured tiles have disjoint key
+//! boxes (`super::colours`), so concurrent tasks never touch the same key rows. (Per-worker
+//! dK / dV copies cost more than the GEMMs at large inputs: fresh pages to fault in, zero
+//! and sum at every call.)
 
-use super::forward::gather;
-use super::{tile_extent, tiles, Geo, NaDims, SharedMut, Tile};
+use super::pack::{self, Rows};
+use super::{colours, rows, tile_extent, tiles, Geo, NaDims, SharedMut, Tile};
+use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
-use crate::gemm::pack::{pack_cols, pack_transposed, View};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
 use crate::per_thread::PerThread;
-use crate::simd::{self, Level};
+use crate::simd::Level;
 use rayon::prelude::*;
+use std::any::TypeId;
 
 /// Keys / values packed for the backward GEMMs.
 struct PackedB<T: Acc> {
@@ -36,34 +41,16 @@ impl<T: Acc> PackedB<T> {
 }
 
 fn pack_b<E: Element>(
-    kbox: &[E],
-    vbox: &[E],
-    nk: usize,
-    d: usize,
-    dv: usize,
+    level: Level,
+    kr: Rows<'_, E>,
+    vr: Rows<'_, E>,
+    tmp: &mut Vec<E::Acc>,
     out: &mut PackedB<E::Acc>,
 ) {
-    let one = E::Acc::ONE;
-    let kv = View {
-        base: 0,
-        rs: d,
-        rows: nk,
-        cols: d,
-    };
-    pack_transposed(kbox, kv, one, &mut out.kt);
-    out.kps = pack_cols(kbox, kv, one, &mut out.kp);
-    pack_transposed(
-        vbox,
-        View {
-            base: 0,
-            rs: dv,
-            rows: nk,
-            cols: dv,
-        },
-        one,
-        &mut out.vt,
-    );
-    out.nk = nk;
+    pack::transposed(level, kr, tmp, &mut out.kt);
+    out.kps = pack::cols(level, kr, tmp, &mut out.kp);
+    pack::transposed(level, vr, tmp, &mut out.vt);
+    out.nk = kr.pos.len();
 }
 
 /// The tile's queries, packed.
@@ -78,33 +65,66 @@ struct QSide<T: Acc> {
     /// dO column panels, B of `dV += Pᵀ·dO`.
     dop: Vec<T>,
     dops: usize,
+    /// O rows (for δ).
+    or: Vec<T>,
     lse2: Vec<T>,
     delta: Vec<T>,
 }
 
 struct Scratch<E: Element> {
     tile: Tile,
-    qbox: Vec<E>,
-    dobox: Vec<E>,
-    kbox: Vec<E>,
-    vbox: Vec<E>,
+    /// Index of the tile `tile` holds (tasks of one tile run back to back on a worker).
+    tile_id: usize,
     qside: QSide<E::Acc>,
     packed: PackedB<E::Acc>,
     s: Vec<E::Acc>,
     dp: Vec<E::Acc>,
+    /// dK / dV of the key box, summed over the task's heads.
     dkb: Vec<E::Acc>,
     dvb: Vec<E::Acc>,
+    /// dK / dV of the additional keys for one head.
+    dkx: Vec<E::Acc>,
+    dvx: Vec<E::Acc>,
     dq: Vec<E::Acc>,
     tmp: Vec<E::Acc>,
-    /// Per-worker dK / dV (and additional) accumulators, unscaled dK.
-    acc_k: Vec<E::Acc>,
-    acc_v: Vec<E::Acc>,
+    /// Per-worker additional-key dK / dV, unscaled dK.
     acc_ak: Vec<E::Acc>,
     acc_av: Vec<E::Acc>,
 }
 
+/// Where the shared dK / dV sums live: the outputs themselves when they already hold the
+/// accumulation type, else pooled buffers converted at the end.
+enum Sums<'a, E: Element> {
+    Direct,
+    Pooled(PoolVec<E::Acc>, &'a mut [E]),
+}
+
+fn sums<E: Element>(dst: &mut [E]) -> (SharedMut<E::Acc>, Sums<'_, E>) {
+    if TypeId::of::<E>() == TypeId::of::<E::Acc>() {
+        dst.fill(E::from_acc(E::Acc::ZERO));
+        // SAFETY (the cast): `E` is `E::Acc`, same layout.
+        (SharedMut(dst.as_mut_ptr() as *mut E::Acc), Sums::Direct)
+    } else {
+        let mut buf = take::<E::Acc>(dst.len());
+        buf.resize(dst.len(), E::Acc::ZERO);
+        (SharedMut(buf.as_mut_ptr()), Sums::Pooled(buf, dst))
+    }
+}
+
+impl<E: Element> Sums<'_, E> {
+    fn finish(self) {
+        if let Sums::Pooled(buf, dst) = self {
+            const C: usize = 4096;
+            dst.par_chunks_mut(C)
+                .zip(buf.par_chunks(C))
+                .for_each(|(d, s)| E::from_acc_slice(s, d));
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run<E: Element>(
+    level: Level,
     dims: &NaDims,
     geo: &Geo,
     scale: f64,
@@ -122,7 +142,6 @@ pub(super) fn run<E: Element>(
     dak: &mut [E],
     dav: &mut [E],
 ) {
-    let level = simd::active();
     let (batch, hq, hkv, d, dvd, na) = (
         dims.batch,
         dims.q_heads,
@@ -148,11 +167,17 @@ pub(super) fn run<E: Element>(
             .map(|bh| {
                 let (bi, h) = (bh / hkv, bh % hkv);
                 let pos: Vec<usize> = (0..na).collect();
-                let (mut kb, mut vb) = (Vec::new(), Vec::new());
-                gather(ak, &pos, bi, na, hkv, h, d, &mut kb);
-                gather(av, &pos, bi, na, hkv, h, dvd, &mut vb);
+                let rows = |src, w| Rows {
+                    src,
+                    pos: &pos,
+                    b: bi,
+                    n: na,
+                    heads: hkv,
+                    h,
+                    w,
+                };
                 let mut p = PackedB::new();
-                pack_b(&kb, &vb, na, d, dvd, &mut p);
+                pack_b(level, rows(ak, d), rows(av, dvd), &mut Vec::new(), &mut p);
                 p
             })
             .collect()
@@ -161,156 +186,121 @@ pub(super) fn run<E: Element>(
     let t = tile_extent(geo);
     let tl = tiles(geo, t);
     let tq = t[0] * t[1] * t[2];
-    let heads = batch;
+    let col = colours(geo, t);
     let dqp = SharedMut(dq.as_mut_ptr());
+    let (dkp, dk_sums) = sums(dk);
+    let (dvp, dv_sums) = sums(dv);
     let scratch = PerThread::new();
-    let (lk, lv) = (dk.len(), dv.len());
     let (lak, lav) = (dak.len(), dav.len());
 
-    (0..tl.len() * heads)
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|task| {
-            let init = || Scratch::<E> {
-                tile: Tile::new(),
-                qbox: Vec::new(),
-                dobox: Vec::new(),
-                kbox: Vec::new(),
-                vbox: Vec::new(),
-                qside: QSide {
-                    qs: Vec::new(),
-                    qp: Vec::new(),
-                    qps: 0,
-                    dor: Vec::new(),
-                    dop: Vec::new(),
-                    dops: 0,
-                    lse2: Vec::new(),
-                    delta: Vec::new(),
-                },
-                packed: PackedB::new(),
-                s: vec![E::Acc::ZERO; tq * NR],
-                dp: vec![E::Acc::ZERO; tq * NR],
-                dkb: Vec::new(),
-                dvb: Vec::new(),
-                dq: vec![E::Acc::ZERO; tq * d_pad],
-                tmp: vec![E::Acc::ZERO; d.max(dvd)],
-                acc_k: vec![E::Acc::ZERO; lk],
-                acc_v: vec![E::Acc::ZERO; lv],
-                acc_ak: vec![E::Acc::ZERO; lak],
-                acc_av: vec![E::Acc::ZERO; lav],
-            };
-            scratch.with(init, |sc| {
-                let (g, origin) = tl[task / heads];
-                let bi = task % heads;
-                sc.tile.build(geo, g, origin, t);
-                for h in 0..hq {
-                    let kh = h / group;
+    for phase in 0..col[0] * col[1] * col[2] {
+        let ids: Vec<usize> = (0..tl.len())
+            .filter(|&i| {
+                let o = tl[i].1;
+                let c = [0, 1, 2].map(|j| (o[j] / t[j]) % col[j]);
+                (c[0] * col[1] + c[1]) * col[2] + c[2] == phase
+            })
+            .collect();
+        (0..ids.len() * batch * hkv)
+            .into_par_iter()
+            .with_max_len(1)
+            .for_each(|task| {
+                let init = || Scratch::<E> {
+                    tile: Tile::new(),
+                    tile_id: usize::MAX,
+                    qside: QSide {
+                        qs: Vec::new(),
+                        qp: Vec::new(),
+                        qps: 0,
+                        dor: Vec::new(),
+                        dop: Vec::new(),
+                        dops: 0,
+                        or: Vec::new(),
+                        lse2: Vec::new(),
+                        delta: Vec::new(),
+                    },
+                    packed: PackedB::new(),
+                    s: vec![E::Acc::ZERO; tq * NR],
+                    dp: vec![E::Acc::ZERO; tq * NR],
+                    dkb: Vec::new(),
+                    dvb: Vec::new(),
+                    dkx: Vec::new(),
+                    dvx: Vec::new(),
+                    dq: vec![E::Acc::ZERO; tq * d_pad],
+                    tmp: vec![E::Acc::ZERO; d.max(dvd)],
+                    acc_ak: vec![E::Acc::ZERO; lak],
+                    acc_av: vec![E::Acc::ZERO; lav],
+                };
+                scratch.with(init, |sc| {
+                    // Batch-major, kv heads innermost (their rows share cache lines).
+                    let (bi, tid, kh) = (
+                        task / (ids.len() * hkv),
+                        ids[(task / hkv) % ids.len()],
+                        task % hkv,
+                    );
+                    if sc.tile_id != tid {
+                        let (g, origin) = tl[tid];
+                        sc.tile.build(geo, g, origin, t);
+                        sc.tile_id = tid;
+                    }
                     let tile = &sc.tile;
-                    let nq = tile.nq;
-                    // Query side.
-                    gather(q, &tile.qpos, bi, n, hq, h, d, &mut sc.qbox);
-                    gather(dout, &tile.qpos, bi, n, hq, h, dvd, &mut sc.dobox);
-                    let qsd = &mut sc.qside;
-                    qsd.qs.clear();
-                    qsd.qs.resize(nq * d, E::Acc::ZERO);
-                    E::to_acc_slice(&sc.qbox, &mut qsd.qs);
-                    qsd.qs.iter_mut().for_each(|x| *x *= qscale);
-                    qsd.qps = pack_cols(
-                        &sc.qbox,
-                        View {
-                            base: 0,
-                            rs: d,
-                            rows: nq,
-                            cols: d,
-                        },
-                        one,
-                        &mut qsd.qp,
+                    let (nq, nk) = (tile.nq, tile.nk);
+                    let rows = |src, pos, heads, h, w| Rows {
+                        src,
+                        pos,
+                        b: bi,
+                        n,
+                        heads,
+                        h,
+                        w,
+                    };
+                    pack_b(
+                        level,
+                        rows(k, &tile.kpos, hkv, kh, d),
+                        rows(v, &tile.kpos, hkv, kh, dvd),
+                        &mut sc.tmp,
+                        &mut sc.packed,
                     );
-                    qsd.dor.clear();
-                    qsd.dor.resize(nq * dvd, E::Acc::ZERO);
-                    E::to_acc_slice(&sc.dobox, &mut qsd.dor);
-                    qsd.dops = pack_cols(
-                        &sc.dobox,
-                        View {
-                            base: 0,
-                            rs: dvd,
-                            rows: nq,
-                            cols: dvd,
-                        },
-                        one,
-                        &mut qsd.dop,
-                    );
-                    qsd.lse2.clear();
-                    qsd.delta.clear();
-                    for (qi, &p) in tile.qpos.iter().enumerate() {
-                        let row = (bi * n + p) * hq + h;
-                        qsd.lse2.push(lse[row] * log2e);
-                        E::to_acc_slice(&out[row * dvd..(row + 1) * dvd], &mut sc.tmp[..dvd]);
-                        let mut s = E::Acc::ZERO;
-                        for (&x, &y) in sc.tmp[..dvd].iter().zip(&qsd.dor[qi * dvd..]) {
-                            s += x * y;
-                        }
-                        qsd.delta.push(s);
-                    }
-                    // Key box.
-                    if h % group == 0 {
-                        gather(k, &tile.kpos, bi, n, hkv, kh, d, &mut sc.kbox);
-                        gather(v, &tile.kpos, bi, n, hkv, kh, dvd, &mut sc.vbox);
-                        pack_b(&sc.kbox, &sc.vbox, tile.nk, d, dvd, &mut sc.packed);
-                    }
-                    let nk = tile.nk;
                     sc.dkb.clear();
                     sc.dkb.resize(round_up_nr(nk) * d_pad, E::Acc::ZERO);
                     sc.dvb.clear();
                     sc.dvb.resize(round_up_nr(nk) * dv_pad, E::Acc::ZERO);
-                    sc.dq[..nq * d_pad].fill(E::Acc::ZERO);
-                    for p in 0..panels(nk) {
-                        let (qa, qb) = tile.range[p];
-                        if qa >= qb {
-                            continue;
-                        }
-                        panel(
+                    for h in kh * group..(kh + 1) * group {
+                        // Query side.
+                        let qsd = &mut sc.qside;
+                        let qr = rows(q, &tile.qpos, hq, h, d);
+                        let dor = rows(dout, &tile.qpos, hq, h, dvd);
+                        pack::rows(level, qr, qscale, &mut sc.tmp, &mut qsd.qs);
+                        qsd.qps = pack::cols(level, qr, &mut sc.tmp, &mut qsd.qp);
+                        pack::rows(level, dor, one, &mut sc.tmp, &mut qsd.dor);
+                        qsd.dops = pack::cols(level, dor, &mut sc.tmp, &mut qsd.dop);
+                        pack::rows(
                             level,
-                            &sc.packed,
-                            &sc.qside,
-                            &mut sc.s,
-                            &mut sc.dp,
-                            &mut sc.dkb,
-                            &mut sc.dvb,
-                            &mut sc.dq,
-                            p,
-                            qa,
-                            qb,
-                            d,
-                            dvd,
-                            |qi, row, cs, ce| tile.mask(qi, row, cs, ce),
+                            rows(out, &tile.qpos, hq, h, dvd),
+                            one,
+                            &mut sc.tmp,
+                            &mut qsd.or,
                         );
-                    }
-                    for (j, &p) in tile.kpos.iter().enumerate() {
-                        let row = (bi * n + p) * hkv + kh;
-                        for (a, &x) in sc.acc_k[row * d..(row + 1) * d]
-                            .iter_mut()
-                            .zip(&sc.dkb[j * d_pad..])
-                        {
-                            *a += x;
+                        qsd.lse2.clear();
+                        qsd.delta.clear();
+                        for (qi, &p) in tile.qpos.iter().enumerate() {
+                            qsd.lse2.push(lse[(bi * n + p) * hq + h] * log2e);
+                            let r = qi * dvd..(qi + 1) * dvd;
+                            let mut s = E::Acc::ZERO;
+                            for (&x, &y) in qsd.or[r.clone()].iter().zip(&qsd.dor[r]) {
+                                s += x * y;
+                            }
+                            qsd.delta.push(s);
                         }
-                        for (a, &x) in sc.acc_v[row * dvd..(row + 1) * dvd]
-                            .iter_mut()
-                            .zip(&sc.dvb[j * dv_pad..])
-                        {
-                            *a += x;
-                        }
-                    }
-                    if na > 0 {
-                        let ex = &extra[bi * hkv + kh];
-                        sc.dkb.clear();
-                        sc.dkb.resize(round_up_nr(na) * d_pad, E::Acc::ZERO);
-                        sc.dvb.clear();
-                        sc.dvb.resize(round_up_nr(na) * dv_pad, E::Acc::ZERO);
-                        for p in 0..panels(na) {
+                        sc.dq[..nq * d_pad].fill(E::Acc::ZERO);
+                        for p in 0..panels(nk) {
+                            let (qa, qb) = tile.range[p];
+                            if qa >= qb {
+                                continue;
+                            }
                             panel(
                                 level,
-                                ex,
+                                &sc.packed,
                                 &sc.qside,
                                 &mut sc.s,
                                 &mut sc.dp,
@@ -318,47 +308,87 @@ pub(super) fn run<E: Element>(
                                 &mut sc.dvb,
                                 &mut sc.dq,
                                 p,
-                                0,
-                                nq,
+                                qa,
+                                qb,
                                 d,
                                 dvd,
-                                |_, _, _, _| {},
+                                |qi| Some(tile.bits(qi)),
                             );
                         }
-                        for j in 0..na {
-                            let row = (bi * na + j) * hkv + kh;
-                            for (a, &x) in sc.acc_ak[row * d..(row + 1) * d]
-                                .iter_mut()
-                                .zip(&sc.dkb[j * d_pad..])
-                            {
-                                *a += x;
+                        if na > 0 {
+                            let ex = &extra[bi * hkv + kh];
+                            sc.dkx.clear();
+                            sc.dkx.resize(round_up_nr(na) * d_pad, E::Acc::ZERO);
+                            sc.dvx.clear();
+                            sc.dvx.resize(round_up_nr(na) * dv_pad, E::Acc::ZERO);
+                            for p in 0..panels(na) {
+                                panel(
+                                    level,
+                                    ex,
+                                    &sc.qside,
+                                    &mut sc.s,
+                                    &mut sc.dp,
+                                    &mut sc.dkx,
+                                    &mut sc.dvx,
+                                    &mut sc.dq,
+                                    p,
+                                    0,
+                                    nq,
+                                    d,
+                                    dvd,
+                                    |_| None,
+                                );
                             }
-                            for (a, &x) in sc.acc_av[row * dvd..(row + 1) * dvd]
-                                .iter_mut()
-                                .zip(&sc.dvb[j * dv_pad..])
-                            {
-                                *a += x;
+                            for j in 0..na {
+                                let row = (bi * na + j) * hkv + kh;
+                                for (a, &x) in sc.acc_ak[row * d..(row + 1) * d]
+                                    .iter_mut()
+                                    .zip(&sc.dkx[j * d_pad..])
+                                {
+                                    *a += x;
+                                }
+                                for (a, &x) in sc.acc_av[row * dvd..(row + 1) * dvd]
+                                    .iter_mut()
+                                    .zip(&sc.dvx[j * dv_pad..])
+                                {
+                                    *a += x;
+                                }
+                            }
+                        }
+                        // SAFETY: the tile's query rows of head (bi, h) belong to this task
+                        // alone.
+                        unsafe {
+                            for qi in 0..nq {
+                                let row = (bi * n + tile.qpos[qi]) * hq + h;
+                                for (x, &y) in sc.tmp[..d].iter_mut().zip(&sc.dq[qi * d_pad..]) {
+                                    *x = y * scale_t;
+                                }
+                                let dst = std::slice::from_raw_parts_mut(dqp.get().add(row * d), d);
+                                E::from_acc_slice(&sc.tmp[..d], dst);
                             }
                         }
                     }
-                    // SAFETY: the tile's query rows of head (bi, h) belong to this task alone.
+                    // SAFETY: within a phase, tasks' key boxes are disjoint (colouring) or
+                    // belong to other (batch, kv head) rows; phases run one after another.
                     unsafe {
-                        for qi in 0..nq {
-                            let row = (bi * n + tile.qpos[qi]) * hq + h;
-                            for (x, &y) in sc.tmp[..d].iter_mut().zip(&sc.dq[qi * d_pad..]) {
-                                *x = y * scale_t;
+                        for (j, &p) in tile.kpos.iter().enumerate() {
+                            let row = (bi * n + p) * hkv + kh;
+                            let a = std::slice::from_raw_parts_mut(dkp.get().add(row * d), d);
+                            for (a, &x) in a.iter_mut().zip(&sc.dkb[j * d_pad..]) {
+                                *a += x * scale_t;
                             }
-                            let dst = std::slice::from_raw_parts_mut(dqp.get().add(row * d), d);
-                            E::from_acc_slice(&sc.tmp[..d], dst);
+                            let a = std::slice::from_raw_parts_mut(dvp.get().add(row * dvd), dvd);
+                            for (a, &x) in a.iter_mut().zip(&sc.dvb[j * dv_pad..]) {
+                                *a += x;
+                            }
                         }
                     }
-                }
-            })
-        });
-
+                })
+            });
+    }
+    dk_sums.finish();
+    dv_sums.finish();
     let parts = scratch.into_values();
-    reduce(&parts, |s| &s.acc_k, dk, scale_t);
-    reduce(&parts, |s| &s.acc_v, dv, one);
     reduce(&parts, |s| &s.acc_ak, dak, scale_t);
     reduce(&parts, |s| &s.acc_av, dav, one);
 }
@@ -386,7 +416,7 @@ fn reduce<E: Element>(
 /// One key panel `p` of `kv` against queries `qa..qb`: dK / dV of the panel's keys into
 /// `dkb` / `dvb` (rows `p·NR..`), dQ into `dq`.
 #[allow(clippy::too_many_arguments)]
-fn panel<T: Acc>(
+fn panel<'b, T: Acc>(
     level: Level,
     kv: &PackedB<T>,
     qs: &QSide<T>,
@@ -400,7 +430,7 @@ fn panel<T: Acc>(
     qb: usize,
     d: usize,
     dvd: usize,
-    mask: impl Fn(usize, &mut [T], usize, usize),
+    bits: impl Fn(usize) -> Option<&'b [u64]>,
 ) {
     let mq = qb - qa;
     let kc = NR.min(kv.nk - p * NR);
@@ -420,8 +450,7 @@ fn panel<T: Acc>(
     gemm(level, &g, &qs.qs[qa * d..], &kv.kt[p * d * NR..], s);
     for r in 0..mq {
         let row = &mut s[r * NR..r * NR + kc];
-        mask(qa + r, row, p * NR, p * NR + kc);
-        T::exp2_sub_sum(level, row, qs.lse2[qa + r]);
+        rows::exp_fixed(level, row, bits(qa + r), p * NR, qs.lse2[qa + r]);
     }
     if dvd > 0 {
         // dV += Pᵀ dO

@@ -1,12 +1,12 @@
 //! Forward pass: one task per (query tile, batch, query head); online softmax over chunks of
 //! the tile's key box, then over the additional keys.
 
-use super::{tile_extent, tiles, Geo, NaDims, SharedMut, Tile};
+use super::pack::{self, Rows};
+use super::{rows, tile_extent, tiles, Geo, NaDims, SharedMut, Tile};
 use crate::element::{Acc, Element};
-use crate::gemm::pack::{pack_cols, pack_transposed, View};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
 use crate::per_thread::PerThread;
-use crate::simd::{self, Level};
+use crate::simd::Level;
 use rayon::prelude::*;
 
 /// Key panels per softmax chunk.
@@ -33,8 +33,6 @@ impl<T: Acc> Packed<T> {
 
 struct Scratch<E: Element> {
     tile: Tile,
-    kbox: Vec<E>,
-    vbox: Vec<E>,
     packed: Packed<E::Acc>,
     q: Vec<E::Acc>,
     s: Vec<E::Acc>,
@@ -44,63 +42,22 @@ struct Scratch<E: Element> {
     tmp: Vec<E::Acc>,
 }
 
-/// Gathers the rows `pos` of head `h` (of `heads`) of batch `b` from a heads-last tensor with
-/// `n` positions and row width `w` into `dst` (`pos.len() × w`).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gather<E: Element>(
-    src: &[E],
-    pos: &[usize],
-    b: usize,
-    n: usize,
-    heads: usize,
-    h: usize,
-    w: usize,
-    dst: &mut Vec<E>,
-) {
-    dst.clear();
-    for &p in pos {
-        let off = ((b * n + p) * heads + h) * w;
-        dst.extend_from_slice(&src[off..off + w]);
-    }
-}
-
-/// Packs `nk × d` keys and `nk × dv` values (row-major) as GEMM panels.
+/// Packs keys and values `kr`, `vr` as Kᵀ panels and V column panels.
 pub(super) fn pack_kv<E: Element>(
-    kbox: &[E],
-    vbox: &[E],
-    nk: usize,
-    d: usize,
-    dv: usize,
+    level: Level,
+    kr: Rows<'_, E>,
+    vr: Rows<'_, E>,
+    tmp: &mut Vec<E::Acc>,
     out: &mut Packed<E::Acc>,
 ) {
-    let one = E::Acc::ONE;
-    pack_transposed(
-        kbox,
-        View {
-            base: 0,
-            rs: d,
-            rows: nk,
-            cols: d,
-        },
-        one,
-        &mut out.kt,
-    );
-    out.vps = pack_cols(
-        vbox,
-        View {
-            base: 0,
-            rs: dv,
-            rows: nk,
-            cols: dv,
-        },
-        one,
-        &mut out.v,
-    );
-    out.nk = nk;
+    pack::transposed(level, kr, tmp, &mut out.kt);
+    out.vps = pack::cols(level, vr, tmp, &mut out.v);
+    out.nk = kr.pos.len();
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run<E: Element>(
+    level: Level,
     dims: &NaDims,
     geo: &Geo,
     scale: f64,
@@ -112,7 +69,6 @@ pub(super) fn run<E: Element>(
     out: &mut [E],
     lse: &mut [E::Acc],
 ) {
-    let level = simd::active();
     let (batch, hq, hkv, d, dv, na) = (
         dims.batch,
         dims.q_heads,
@@ -134,11 +90,17 @@ pub(super) fn run<E: Element>(
             .map(|bh| {
                 let (bi, h) = (bh / hkv, bh % hkv);
                 let pos: Vec<usize> = (0..na).collect();
-                let (mut kb, mut vb) = (Vec::new(), Vec::new());
-                gather(ak, &pos, bi, na, hkv, h, d, &mut kb);
-                gather(av, &pos, bi, na, hkv, h, dv, &mut vb);
+                let rows = |src, w| Rows {
+                    src,
+                    pos: &pos,
+                    b: bi,
+                    n: na,
+                    heads: hkv,
+                    h,
+                    w,
+                };
                 let mut p = Packed::new();
-                pack_kv(&kb, &vb, na, d, dv, &mut p);
+                pack_kv(level, rows(ak, d), rows(av, dv), &mut Vec::new(), &mut p);
                 p
             })
             .collect()
@@ -147,7 +109,6 @@ pub(super) fn run<E: Element>(
     let t = tile_extent(geo);
     let tl = tiles(geo, t);
     let tq = t[0] * t[1] * t[2];
-    let heads = batch;
     let lds = CH * NR;
     let qscale = E::Acc::from_f64(scale * std::f64::consts::LOG2_E);
     let ln2 = E::Acc::from_f64(std::f64::consts::LN_2);
@@ -155,14 +116,14 @@ pub(super) fn run<E: Element>(
     let lsep = SharedMut(lse.as_mut_ptr());
     let scratch = PerThread::new();
 
-    (0..tl.len() * heads)
+    // Batch-major: neighbouring tiles of one batch entry run back to back, so the rows
+    // their key boxes share are still in cache.
+    (0..tl.len() * batch)
         .into_par_iter()
         .with_max_len(1)
         .for_each(|task| {
             let init = || Scratch::<E> {
                 tile: Tile::new(),
-                kbox: Vec::new(),
-                vbox: Vec::new(),
                 packed: Packed::new(),
                 q: Vec::new(),
                 s: vec![E::Acc::ZERO; tq * lds],
@@ -172,27 +133,38 @@ pub(super) fn run<E: Element>(
                 tmp: vec![E::Acc::ZERO; d.max(dv)],
             };
             scratch.with(init, |sc| {
-                let (g, origin) = tl[task / heads];
-                let bi = task % heads;
+                let (g, origin) = tl[task % tl.len()];
+                let bi = task / tl.len();
                 sc.tile.build(geo, g, origin, t);
                 for h in 0..hq {
                     let kh = h / group;
                     let tile = &sc.tile;
                     let nq = tile.nq;
+                    let rows = |src, pos, heads, h, w| Rows {
+                        src,
+                        pos,
+                        b: bi,
+                        n,
+                        heads,
+                        h,
+                        w,
+                    };
                     if h % group == 0 {
-                        gather(k, &tile.kpos, bi, n, hkv, kh, d, &mut sc.kbox);
-                        gather(v, &tile.kpos, bi, n, hkv, kh, dv, &mut sc.vbox);
-                        pack_kv(&sc.kbox, &sc.vbox, tile.nk, d, dv, &mut sc.packed);
+                        pack_kv(
+                            level,
+                            rows(k, &tile.kpos, hkv, kh, d),
+                            rows(v, &tile.kpos, hkv, kh, dv),
+                            &mut sc.tmp,
+                            &mut sc.packed,
+                        );
                     }
-                    // Scaled queries.
-                    sc.q.clear();
-                    sc.q.resize(nq * d, E::Acc::ZERO);
-                    for (qi, &p) in tile.qpos.iter().enumerate() {
-                        let off = ((bi * n + p) * hq + h) * d;
-                        let dst = &mut sc.q[qi * d..(qi + 1) * d];
-                        E::to_acc_slice(&q[off..off + d], dst);
-                        dst.iter_mut().for_each(|x| *x *= qscale);
-                    }
+                    pack::rows(
+                        level,
+                        rows(q, &tile.qpos, hq, h, d),
+                        qscale,
+                        &mut sc.tmp,
+                        &mut sc.q,
+                    );
                     sc.o[..nq * dv_pad].fill(E::Acc::ZERO);
                     sc.m[..nq].fill(E::Acc::NEG_INFINITY);
                     sc.l[..nq].fill(E::Acc::ZERO);
@@ -220,7 +192,7 @@ pub(super) fn run<E: Element>(
                                 let (f, last) = (f.max(pc0), last.min(pc1 - 1));
                                 (f <= last).then(|| (f * NR, ((last + 1) * NR).min(tile.nk)))
                             },
-                            |qi, row, cs, ce| tile.mask(qi, row, cs, ce),
+                            |qi| Some(tile.bits(qi)),
                         );
                         pc0 = pc1;
                     }
@@ -245,7 +217,7 @@ pub(super) fn run<E: Element>(
                                 pc1,
                                 |_| (0, nq),
                                 |_| Some((pc0 * NR, (pc1 * NR).min(na))),
-                                |_, _, _, _| {},
+                                |_| None,
                             );
                             pc0 = pc1;
                         }
@@ -256,11 +228,8 @@ pub(super) fn run<E: Element>(
                             let row = (bi * n + tile.qpos[qi]) * hq + h;
                             let l = sc.l[qi];
                             let inv = E::Acc::ONE / l;
-                            for (x, &y) in sc.tmp[..dv].iter_mut().zip(&sc.o[qi * dv_pad..]) {
-                                *x = y * inv;
-                            }
                             let dst = std::slice::from_raw_parts_mut(outp.get().add(row * dv), dv);
-                            E::from_acc_slice(&sc.tmp[..dv], dst);
+                            pack::store_scaled(level, &sc.o[qi * dv_pad..], inv, &mut sc.tmp, dst);
                             *lsep.get().add(row) = sc.m[qi] * ln2 + l.ln();
                         }
                     }
@@ -271,10 +240,10 @@ pub(super) fn run<E: Element>(
 
 /// Folds key panels `pc0..pc1` of `kv` into the online softmax of the tile's queries.
 /// `range(p)`: the queries computing panel `p`; `span(qi)`: the key columns `[cs, ce)` of
-/// this chunk query `qi` computed (None: none); `mask` sets the scores outside the window to
-/// `-inf`.
+/// this chunk query `qi` computed (None: none); `bits(qi)`: its window over the key columns
+/// (None: every key).
 #[allow(clippy::too_many_arguments)]
-fn chunk<T: Acc>(
+fn chunk<'b, T: Acc>(
     level: Level,
     kv: &Packed<T>,
     q: &[T],
@@ -289,7 +258,7 @@ fn chunk<T: Acc>(
     pc1: usize,
     range: impl Fn(usize) -> (usize, usize),
     span: impl Fn(usize) -> Option<(usize, usize)>,
-    mask: impl Fn(usize, &mut [T], usize, usize),
+    bits: impl Fn(usize) -> Option<&'b [u64]>,
 ) {
     let lds = CH * NR;
     let base = pc0 * NR;
@@ -319,17 +288,8 @@ fn chunk<T: Acc>(
     for qi in 0..nq {
         let Some((cs, ce)) = span(qi) else { continue };
         let row = &mut s[qi * lds + cs - base..qi * lds + ce - base];
-        mask(qi, row, cs, ce);
-        let mx = T::row_max(level, row);
         let m_old = m[qi];
-        #[allow(clippy::eq_op)]
-        let m_new = if mx > m_old || mx != mx { mx } else { m_old };
-        let m_ref = if m_new == T::NEG_INFINITY {
-            T::ZERO
-        } else {
-            m_new
-        };
-        let sum = T::exp2_sub_sum(level, row, m_ref);
+        let (m_new, m_ref, sum) = rows::online(level, row, bits(qi), cs, m_old);
         let alpha = if m_old == m_new {
             T::ONE
         } else {

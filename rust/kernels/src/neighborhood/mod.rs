@@ -7,15 +7,21 @@
 //! window start to the last one's end: windows move monotonically with the query), which is
 //! gathered and packed once as GEMM panels. Scores are then computed one NR-wide key panel at
 //! a time for only the contiguous range of queries that need a key of that panel (sub-tiles
-//! no query needs are skipped), masked at the window edges, and folded into an online
-//! softmax; `P·V` uses the same panel / query ranges. No `N × prod(kernel)` matrix is stored;
-//! the backward pass recomputes `P` from the saved lse.
+//! no query needs are skipped), masked by per-query window bits over the box (only scores
+//! inside the window are exponentiated, see `rows`), and folded into an online softmax;
+//! `P·V` uses the same panel / query ranges. No `N × prod(kernel)` matrix is stored; the
+//! backward pass recomputes `P` from the saved lse and adds dK / dV of each box into one
+//! shared sum, in colour phases of tiles with disjoint boxes (`colours`).
 //!
 //! Dilation: every dilation group (per dimension, the positions `g, g + d, g + 2d, …`) is its
 //! own sub-grid; tiles never mix groups, so they are dense within the group.
 
 mod backward;
 mod forward;
+mod pack;
+mod rows;
+#[cfg(test)]
+mod tests_e2e;
 
 use crate::element::Element;
 use crate::error::{check_len, KernelError};
@@ -273,6 +279,9 @@ struct Tile {
     range: Vec<(usize, usize)>,
     /// Per query, the first and last panel whose range holds it (`first > last`: none).
     span: Vec<(usize, usize)>,
+    /// Per query, `nw` words of window bits over the box keys.
+    bits: Vec<u64>,
+    nw: usize,
 }
 
 impl Tile {
@@ -288,6 +297,8 @@ impl Tile {
             kpos: Vec::new(),
             range: Vec::new(),
             span: Vec::new(),
+            bits: Vec::new(),
+            nw: 0,
         }
     }
 
@@ -341,81 +352,69 @@ impl Tile {
                 }
             }
         }
-        // Which queries need each panel.
+        // Window membership as one bit per (query, box key), then which queries need each
+        // panel: a panel's 32 keys are one half-word of a query's bits.
+        let nw = self.nk.div_ceil(64);
+        self.nw = nw;
+        self.bits.clear();
+        self.bits.resize(self.nq * nw, 0);
+        for qi in 0..self.nq {
+            let a = [qi / (t[1] * t[2]), (qi / t[2]) % t[1], qi % t[2]];
+            let row = &mut self.bits[qi * nw..(qi + 1) * nw];
+            let (w2lo, w2hi) = (self.wlo[2][a[2]], self.whi[2][a[2]]);
+            for b0 in self.wlo[0][a[0]]..self.whi[0][a[0]] {
+                for b1 in self.wlo[1][a[1]]..self.whi[1][a[1]] {
+                    let base = (b0 * u[1] + b1) * u[2];
+                    set_bits(row, base + w2lo, base + w2hi);
+                }
+            }
+        }
         let np = self.nk.div_ceil(NR);
         self.range.clear();
+        self.range.resize(np, (usize::MAX, 0));
         self.span.clear();
         self.span.resize(self.nq, (usize::MAX, 0));
-        let u2 = u[2];
-        for p in 0..np {
-            let c0 = p * NR;
-            let c1 = (c0 + NR).min(self.nk);
-            let (mut qa, mut qb) = (usize::MAX, 0);
-            for qi in 0..self.nq {
-                let a = [qi / (t[1] * t[2]), (qi / t[2]) % t[1], qi % t[2]];
-                let (w2lo, w2hi) = (self.wlo[2][a[2]], self.whi[2][a[2]]);
-                let mut need = false;
-                for r in c0 / u2..=(c1 - 1) / u2 {
-                    let (r0, r1) = (r / u[1], r % u[1]);
-                    if r0 < self.wlo[0][a[0]]
-                        || r0 >= self.whi[0][a[0]]
-                        || r1 < self.wlo[1][a[1]]
-                        || r1 >= self.whi[1][a[1]]
-                    {
-                        continue;
-                    }
-                    let s = c0.max(r * u2) - r * u2;
-                    let e = c1.min((r + 1) * u2) - r * u2;
-                    if s < w2hi && w2lo < e {
-                        need = true;
-                        break;
-                    }
-                }
-                if need {
-                    qa = qa.min(qi);
-                    qb = qi + 1;
+        for qi in 0..self.nq {
+            let row = &self.bits[qi * nw..(qi + 1) * nw];
+            for (p, r) in self.range.iter_mut().enumerate() {
+                if (row[p / 2] >> (32 * (p % 2))) as u32 != 0 {
+                    r.0 = r.0.min(qi);
+                    r.1 = qi + 1;
                 }
             }
-            if qa >= qb {
-                self.range.push((0, 0));
+        }
+        for (p, r) in self.range.iter_mut().enumerate() {
+            if r.0 >= r.1 {
+                *r = (0, 0);
                 continue;
             }
-            self.range.push((qa, qb));
-            for sp in &mut self.span[qa..qb] {
+            for sp in &mut self.span[r.0..r.1] {
                 sp.0 = sp.0.min(p);
                 sp.1 = sp.1.max(p);
             }
         }
     }
 
-    /// Sets the scores of query `qi` outside its window to `-inf`, over box columns
-    /// `[cs, ce)` stored at `row[0..ce - cs]`.
-    fn mask<T: crate::element::Acc>(&self, qi: usize, row: &mut [T], cs: usize, ce: usize) {
-        let t = self.t;
-        let u = self.u;
-        let a = [qi / (t[1] * t[2]), (qi / t[2]) % t[1], qi % t[2]];
-        let (w2lo, w2hi) = (self.wlo[2][a[2]], self.whi[2][a[2]]);
-        let u2 = u[2];
-        for r in cs / u2..=(ce - 1) / u2 {
-            let (r0, r1) = (r / u[1], r % u[1]);
-            let s = cs.max(r * u2);
-            let e = ce.min((r + 1) * u2);
-            let seg = &mut row[s - cs..e - cs];
-            if r0 < self.wlo[0][a[0]]
-                || r0 >= self.whi[0][a[0]]
-                || r1 < self.wlo[1][a[1]]
-                || r1 >= self.whi[1][a[1]]
-            {
-                seg.fill(T::NEG_INFINITY);
-                continue;
-            }
-            // Columns of this row inside the window, relative to the segment.
-            let base = s - r * u2;
-            let keep_lo = w2lo.saturating_sub(base).min(seg.len());
-            let keep_hi = w2hi.saturating_sub(base).min(seg.len());
-            seg[..keep_lo].fill(T::NEG_INFINITY);
-            seg[keep_hi.max(keep_lo)..].fill(T::NEG_INFINITY);
-        }
+    /// Window bits of query `qi` (bit `j`: box key `j` is in its window).
+    #[inline]
+    fn bits(&self, qi: usize) -> &[u64] {
+        &self.bits[qi * self.nw..(qi + 1) * self.nw]
+    }
+}
+
+/// Sets bits `[a, b)` of a little-endian bitset.
+fn set_bits(words: &mut [u64], a: usize, b: usize) {
+    let mut i = a;
+    while i < b {
+        let (w, sh) = (i / 64, i % 64);
+        let n = (64 - sh).min(b - i);
+        let m = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << sh
+        };
+        words[w] |= m;
+        i += n;
     }
 }
 
@@ -470,6 +469,35 @@ fn tiles(geo: &Geo, t: [usize; 3]) -> Vec<([usize; 3], [usize; 3])> {
     out
 }
 
+/// Per dimension, the number of colours `c` such that two tiles of one group whose tile
+/// indices agree modulo `c` have disjoint key boxes (the backward's phases).
+fn colours(geo: &Geo, t: [usize; 3]) -> [usize; 3] {
+    let mut col = [1; 3];
+    for (dim, c) in col.iter_mut().enumerate() {
+        let (k, s, causal) = (geo.k[dim], geo.s[dim], geo.c[dim]);
+        for g in 0..geo.d[dim] {
+            let n = geo.group_len(dim, g);
+            let boxes: Vec<(usize, usize)> = (0..n)
+                .step_by(t[dim])
+                .map(|o| {
+                    (o..(o + t[dim]).min(n))
+                        .map(|i| group_window(i, n, k, s, causal))
+                        .fold((usize::MAX, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)))
+                })
+                .collect();
+            while *c < boxes.len()
+                && boxes
+                    .iter()
+                    .zip(&boxes[*c..])
+                    .any(|(x, y)| x.1 > y.0 && y.1 > x.0)
+            {
+                *c += 1;
+            }
+        }
+    }
+    col
+}
+
 /// A raw pointer tasks write disjoint elements through.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
@@ -510,6 +538,7 @@ pub fn forward<E: Element>(
         return Ok(());
     }
     forward::run(
+        crate::simd::active(),
         dims,
         &geo,
         params.scale,
@@ -567,6 +596,7 @@ pub fn backward<E: Element>(
         return Ok(());
     }
     backward::run(
+        crate::simd::active(),
         dims,
         &geo,
         params.scale,
@@ -594,6 +624,93 @@ mod tests {
     fn keys(i: usize, l: usize, k: usize, s: usize, d: usize, c: bool) -> Vec<usize> {
         let (a, b) = window(i, l, k, s, d, c);
         (a..b).map(|j| j * d + i % d).collect()
+    }
+
+    fn geo(len: [usize; 3], k: [usize; 3], s: [usize; 3], d: [usize; 3], c: [bool; 3]) -> Geo {
+        Geo {
+            len,
+            k,
+            s,
+            d,
+            c,
+            n: len.iter().product(),
+        }
+    }
+
+    /// Same-coloured tiles never share a key (the backward adds dK / dV of their boxes
+    /// concurrently), and the window bits match the window.
+    #[test]
+    fn colours_separate_boxes_and_bits_match_windows() {
+        let geos = [
+            geo([1, 56, 56], [1, 7, 7], [1, 1, 1], [1, 1, 1], [false; 3]),
+            geo(
+                [1, 40, 37],
+                [1, 7, 5],
+                [1, 1, 3],
+                [1, 2, 3],
+                [false, false, true],
+            ),
+            geo([1, 1, 450], [1, 1, 63], [1, 1, 1], [1, 1, 2], [false; 3]),
+            geo(
+                [1, 1, 421],
+                [1, 1, 40],
+                [1, 1, 3],
+                [1, 1, 1],
+                [false, false, true],
+            ),
+            geo(
+                [9, 10, 11],
+                [3, 3, 3],
+                [1, 2, 1],
+                [1, 1, 2],
+                [true, false, false],
+            ),
+            geo([12, 8, 20], [5, 2, 13], [5, 1, 4], [2, 3, 1], [false; 3]),
+        ];
+        for g in &geos {
+            let t = tile_extent(g);
+            let col = colours(g, t);
+            let tl = tiles(g, t);
+            let mut owner = vec![usize::MAX; g.n];
+            let colour = |o: [usize; 3]| [0, 1, 2].map(|j| (o[j] / t[j]) % col[j]);
+            let mut tile = Tile::new();
+            for c in 0..col[0] * col[1] * col[2] {
+                owner.fill(usize::MAX);
+                for (i, &(gg, o)) in tl.iter().enumerate() {
+                    let cc = colour(o);
+                    if (cc[0] * col[1] + cc[1]) * col[2] + cc[2] != c {
+                        continue;
+                    }
+                    tile.build(g, gg, o, t);
+                    for &p in &tile.kpos {
+                        assert!(owner[p] == usize::MAX || owner[p] == i, "{g:?} {t:?}");
+                        owner[p] = i;
+                    }
+                    // Bits: key j of the box is set iff it is in query qi's window.
+                    for qi in 0..tile.nq {
+                        let x = coords(tile.qpos[qi], g.len);
+                        for (j, &p) in tile.kpos.iter().enumerate() {
+                            let y = coords(p, g.len);
+                            let inside = (0..3).all(|dd| {
+                                let (a, b) =
+                                    window(x[dd], g.len[dd], g.k[dd], g.s[dd], g.d[dd], g.c[dd]);
+                                y[dd] % g.d[dd] == x[dd] % g.d[dd]
+                                    && (a..b).contains(&(y[dd] / g.d[dd]))
+                            });
+                            let b = tile.bits(qi)[j / 64] >> (j % 64) & 1 == 1;
+                            assert_eq!(b, inside, "{g:?} q {qi} key {j}");
+                            // A set bit's panel lists the query.
+                            let (qa, qb) = tile.range[j / NR];
+                            assert!(!b || (qa..qb).contains(&qi));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn coords(p: usize, len: [usize; 3]) -> [usize; 3] {
+        [p / (len[1] * len[2]), (p / len[2]) % len[1], p % len[2]]
     }
 
     #[test]

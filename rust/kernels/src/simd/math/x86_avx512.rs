@@ -9,14 +9,16 @@ unsafe fn tail_mask(n: usize) -> __mmask16 {
     ((1u32 << n) - 1) as __mmask16
 }
 
-/// `2^x` by `x = n + f`, `|f| ≤ 1/2`: polynomial for `2^f`, then `scalef` by `n`, which
-/// handles under/overflow (and keeps NaN) without integer exponent tricks, so only the
-/// lower clamp (keeping `-inf − -inf` out of `f`) is needed.
+/// `2^x` on lanes `k` (0 elsewhere) by `x = n + f`, `|f| ≤ 1/2`: polynomial for `2^f`, then
+/// `scalef` by `n`, which handles overflow (and keeps NaN) without integer exponent tricks.
+/// Inputs below -125 (including `-inf`) give 0: their true value is under 2^-125, and a
+/// subnormal result from `scalef` costs a microcode assist on some Intel cores.
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn exp2v(x: __m512) -> __m512 {
-    // maxps returns its second operand when either is NaN, so NaN survives the clamp.
-    let x = _mm512_max_ps(_mm512_set1_ps(-151.0), x);
+pub(crate) unsafe fn exp2v_masked(k: __mmask16, x: __m512) -> __m512 {
+    // Not-less-than, unordered: NaN lanes stay live and propagate.
+    let k = k & _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-125.0));
+    let x = _mm512_maskz_mov_ps(k, x);
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n);
     let mut p = _mm512_set1_ps(EXP2_POLY[5]);
@@ -25,7 +27,14 @@ pub(super) unsafe fn exp2v(x: __m512) -> __m512 {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[2]));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[1]));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[0]));
-    _mm512_scalef_ps(p, n)
+    _mm512_maskz_scalef_ps(k, p, n)
+}
+
+/// `2^x` on every lane (see [`exp2v_masked`]).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn exp2v(x: __m512) -> __m512 {
+    exp2v_masked(u16::MAX, x)
 }
 
 #[target_feature(enable = "avx512f")]

@@ -1,0 +1,258 @@
+//! Forward + backward at every SIMD level against a naive f64 reference, on shapes with many
+//! tiles per dimension (several backward colour phases, partial edge tiles), odd head dims
+//! (packing tails), GQA, `Dv ≠ D` and additional keys. The level goes straight to the
+//! passes, so these tests never change the process-wide level other tests read.
+
+use super::{backward, forward, validate, window, NaDims, NaParams};
+use crate::simd;
+
+struct Rng(u64);
+impl Rng {
+    fn vec(&mut self, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                (self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect()
+    }
+}
+
+struct Case {
+    sp: Vec<usize>,
+    dims: NaDims,
+    p: NaParams,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case(
+    sp: &[usize],
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    dv: usize,
+    na: usize,
+    k: &[usize],
+    s: &[usize],
+    dil: &[usize],
+    c: &[bool],
+) -> Case {
+    Case {
+        sp: sp.to_vec(),
+        dims: NaDims::new(2, sp, hq, hkv, d, dv, na),
+        p: NaParams::new(k, s, dil, c, 1.0 / (d as f64).sqrt()),
+    }
+}
+
+/// Every output of forward + backward, in f64.
+type Outs = [Vec<f64>; 7];
+
+/// Naive reference: per query, its keys listed from the windows.
+fn reference(c: &Case, x: &[Vec<f64>; 6]) -> Outs {
+    let (dm, r) = (&c.dims, c.sp.len());
+    let n: usize = c.sp.iter().product();
+    let (b, hq, hkv, d, dv, na) = (
+        dm.batch,
+        dm.q_heads,
+        dm.kv_heads,
+        dm.head_dim,
+        dm.v_head_dim,
+        dm.n_additional,
+    );
+    let [q, k, v, ak, av, dout] = x;
+    let mut o: Outs = [
+        vec![0.0; b * n * hq * dv],
+        vec![0.0; b * n * hq],
+        vec![0.0; q.len()],
+        vec![0.0; k.len()],
+        vec![0.0; v.len()],
+        vec![0.0; ak.len()],
+        vec![0.0; av.len()],
+    ];
+    let coords = |mut p: usize| {
+        let mut xs = vec![0; r];
+        for i in (0..r).rev() {
+            xs[i] = p % c.sp[i];
+            p /= c.sp[i];
+        }
+        xs
+    };
+    for i in 0..n {
+        let xi = coords(i);
+        let keys: Vec<usize> = (0..n)
+            .filter(|&j| {
+                let xj = coords(j);
+                (0..r).all(|dd| {
+                    let (lo, hi) = window(
+                        xi[dd],
+                        c.sp[dd],
+                        c.p.kernel_size[dd],
+                        c.p.stride[dd],
+                        c.p.dilation[dd],
+                        c.p.is_causal[dd],
+                    );
+                    let g = c.p.dilation[dd];
+                    xj[dd] % g == xi[dd] % g && (lo..hi).contains(&(xj[dd] / g))
+                })
+            })
+            .collect();
+        for bi in 0..b {
+            for h in 0..hq {
+                let kh = h / (hq / hkv);
+                let row = (bi * n + i) * hq + h;
+                // (additional?, k row)
+                let all: Vec<(bool, usize)> = keys
+                    .iter()
+                    .map(|&j| (false, (bi * n + j) * hkv + kh))
+                    .chain((0..na).map(|j| (true, (bi * na + j) * hkv + kh)))
+                    .collect();
+                let kr = |a: bool, kr: usize| {
+                    if a {
+                        &ak[kr * d..][..d]
+                    } else {
+                        &k[kr * d..][..d]
+                    }
+                };
+                let vr = |a: bool, kr: usize| {
+                    if a {
+                        &av[kr * dv..][..dv]
+                    } else {
+                        &v[kr * dv..][..dv]
+                    }
+                };
+                let qi = &q[row * d..][..d];
+                let sc = c.p.scale;
+                let s: Vec<f64> = all
+                    .iter()
+                    .map(|&(a, j)| sc * qi.iter().zip(kr(a, j)).map(|(x, y)| x * y).sum::<f64>())
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + s.iter().map(|y| (y - m).exp()).sum::<f64>().ln();
+                o[1][row] = lse;
+                let p: Vec<f64> = s.iter().map(|y| (y - lse).exp()).collect();
+                for (t, &(a, j)) in all.iter().enumerate() {
+                    for cc in 0..dv {
+                        o[0][row * dv + cc] += p[t] * vr(a, j)[cc];
+                    }
+                }
+                let doi = &dout[row * dv..][..dv];
+                let delta: f64 = doi
+                    .iter()
+                    .zip(&o[0][row * dv..][..dv])
+                    .map(|(x, y)| x * y)
+                    .sum();
+                for (t, &(a, j)) in all.iter().enumerate() {
+                    let dp: f64 = doi.iter().zip(vr(a, j)).map(|(x, y)| x * y).sum();
+                    let ds = p[t] * (dp - delta);
+                    for cc in 0..d {
+                        o[2][row * d + cc] += sc * ds * kr(a, j)[cc];
+                        o[if a { 5 } else { 3 }][j * d + cc] += sc * ds * qi[cc];
+                    }
+                    for cc in 0..dv {
+                        o[if a { 6 } else { 4 }][j * dv + cc] += p[t] * doi[cc];
+                    }
+                }
+            }
+        }
+    }
+    o
+}
+
+fn run_f32(level: simd::Level, c: &Case, x: &[Vec<f64>; 6]) -> Outs {
+    let f = |v: &Vec<f64>| v.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+    let [q, k, v, ak, av, dout] = x.each_ref().map(f);
+    let geo = validate(&c.dims, &c.p).unwrap();
+    let (mut out, mut lse) = (
+        vec![0f32; dout.len()],
+        vec![0f32; dout.len() / c.dims.v_head_dim.max(1)],
+    );
+    lse.truncate(c.dims.batch * geo.n * c.dims.q_heads);
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; q.len()],
+        vec![0f32; k.len()],
+        vec![0f32; v.len()],
+    );
+    let (mut dak, mut dav) = (vec![0f32; ak.len()], vec![0f32; av.len()]);
+    forward::run(
+        level, &c.dims, &geo, c.p.scale, &q, &k, &v, &ak, &av, &mut out, &mut lse,
+    );
+    backward::run(
+        level, &c.dims, &geo, c.p.scale, &q, &k, &v, &ak, &av, &out, &dout, &lse, &mut dq, &mut dk,
+        &mut dv, &mut dak, &mut dav,
+    );
+    [out, lse, dq, dk, dv, dak, dav].map(|v| v.iter().map(|&y| y as f64).collect())
+}
+
+#[test]
+fn many_tiles_match_reference_every_level() {
+    let cases = [
+        case(
+            &[40, 37],
+            2,
+            1,
+            33,
+            20,
+            0,
+            &[7, 7],
+            &[1, 1],
+            &[1, 2],
+            &[false, false],
+        ),
+        case(
+            &[34, 30],
+            2,
+            2,
+            16,
+            16,
+            3,
+            &[5, 7],
+            &[2, 1],
+            &[2, 1],
+            &[true, false],
+        ),
+        case(
+            &[9, 10, 11],
+            2,
+            1,
+            8,
+            17,
+            0,
+            &[3, 3, 3],
+            &[1, 1, 2],
+            &[1, 2, 1],
+            &[false, true, false],
+        ),
+        case(&[450], 2, 1, 32, 32, 2, &[9], &[1], &[2], &[false]),
+    ];
+    for (ci, c) in cases.iter().enumerate() {
+        let dm = &c.dims;
+        let n: usize = c.sp.iter().product();
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 + ci as u64);
+        let x = [
+            rng.vec(dm.batch * n * dm.q_heads * dm.head_dim),
+            rng.vec(dm.batch * n * dm.kv_heads * dm.head_dim),
+            rng.vec(dm.batch * n * dm.kv_heads * dm.v_head_dim),
+            rng.vec(dm.batch * dm.n_additional * dm.kv_heads * dm.head_dim),
+            rng.vec(dm.batch * dm.n_additional * dm.kv_heads * dm.v_head_dim),
+            rng.vec(dm.batch * n * dm.q_heads * dm.v_head_dim),
+        ];
+        let want = reference(c, &x);
+        for level in simd::available() {
+            let got = run_f32(level, c, &x);
+            for (name, (g, w)) in ["out", "lse", "dq", "dk", "dv", "dak", "dav"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                assert_eq!(g.len(), w.len());
+                let e = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(e <= 1e-4, "case {ci} {level:?} {name}: {e}");
+            }
+        }
+    }
+}
