@@ -426,7 +426,7 @@ fn tile_extent(geo: &Geo) -> [usize; 3] {
     // Queries per tile: 1-D runs are long (the per-panel query ranges keep the waste at the
     // window edges small); 2-D / 3-D blocks stay small so their key box stays close to the
     // windows.
-    const TQ_1D: usize = 192;
+    const TQ_1D: usize = 128;
     const TQ: usize = 64;
     // 2-D: 16 × 8 blocks (measured best of 4×8, 8×8, 8×16, 16×16 on k = 7 and 13).
     const TQ_2D: usize = 128;
