@@ -12,6 +12,7 @@ in the same run. ``--plot out.png`` also draws the speedups.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -61,6 +62,10 @@ def run(args) -> list[dict]:
                 flops = case.flops_fwd * (case.bwd_factor if direction == "bwd" else 1.0)
                 rows.append({"op": case.op, "shape": case.shape, "dir": direction, "times": times, "flops": flops})
                 _print_row(rows[-1], args.matmul)
+            # Release the case's inputs, saved graphs, masks and compiled kernels before the
+            # next one: peers' [N, N] score graphs add up to more than this machine holds.
+            case.impls.clear()
+            gc.collect()
     return rows
 
 
