@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import subprocess
+import tempfile
 import platform
 import sys
 
@@ -114,11 +117,19 @@ def main(argv=None):
     p.add_argument("--family", action="append", choices=list(FAMILIES), help="limit to a family (repeatable)")
     p.add_argument("--quick", action="store_true", help="small shapes only")
     p.add_argument("--plot", metavar="PNG", help="also write a speedup plot")
+    # Internal: one family per child process (see below).
+    p.add_argument("--child-matmul", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--child-rows", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     os.environ["FASTATTN_NUM_THREADS"] = str(args.threads)
     torch.manual_seed(0)
+    if args.child_rows:
+        args.matmul = args.child_matmul
+        with open(args.child_rows, "w") as f:
+            json.dump(run(args), f)
+        return
     print(
         f"fastattn {fastattn.__version__} | torch {torch.__version__} | {_cpu_name()} | "
         f"threads {args.threads} (fastattn {fastattn.num_threads()}, torch {torch.get_num_threads()}) | "
@@ -126,8 +137,18 @@ def main(argv=None):
     )
     args.matmul = matmul_gflops()
     print(f"fp32 matmul rate (torch.mm 2048^3, same run): {args.matmul:.1f} GFLOP/s")
-    print("times are best-of-N wall clock; speedup = peer time / fastattn time\n")
-    rows = run(args)
+    print("times are best-of-N wall clock; speedup = peer time / fastattn time\n", flush=True)
+    # Each family runs in its own process: peers' multi-GB score matrices leave the heap
+    # fragmented, and a later family's peers then run out of memory.
+    rows = []
+    for fam in args.family or list(FAMILIES):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, os.path.abspath(__file__), "--family", fam, "--threads", str(args.threads),
+                   "--child-matmul", str(args.matmul), "--child-rows", out.name] + (["--quick"] if args.quick else [])
+            if subprocess.run(cmd).returncode != 0:
+                print(f"  family {fam}: benchmark process failed", file=sys.stderr)
+                continue
+            rows += json.load(open(out.name))
     if args.plot:
         plot(rows, args.plot)
 
