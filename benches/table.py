@@ -60,6 +60,10 @@ def run(args) -> list[dict]:
                         times[name] = best_time(fn)
                     except Exception as e:  # a peer that cannot run this case
                         print(f"  {name} {case.shape} {direction}: {type(e).__name__}: {e}", file=sys.stderr)
+                    if direction == "bwd":
+                        # its saved forward graph can be gigabytes: one peer's at a time
+                        impl.backward = fn = None
+                        gc.collect()
                 if "fastattn" not in times:
                     continue
                 flops = case.flops_fwd * (case.bwd_factor if direction == "bwd" else 1.0)
