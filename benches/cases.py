@@ -121,10 +121,12 @@ def _plain_flow(q, k, v, causal):
 
 # Peers skipped where they would take minutes or tens of GB: the plain PyTorch causal forms
 # materialise a [B, T, H, D, Dv] cumulative sum (2 GiB forward at T=16384, several times that
-# with autograd), and fla's naive recurrence keeps a [B, H, K, V] state per step for its
-# backward (2 GiB at T=16384).
+# with autograd). fla's naive recurrence writes `o[:, t]` in place for every step; backward
+# through those T copy-slice nodes sometimes holds a full-size gradient per step at once: at
+# T=4096 its process went from under 2 GB to the 24 GB OOM kill in 4 of 7 table runs, so its
+# backward runs up to T=1024 only (its forward at every T).
 _PLAIN_CAUSAL_MAX_T = 4096
-_NAIVE_BWD_MAX_T = 4096
+_NAIVE_BWD_MAX_T = 1024
 
 
 def linear_cases(ts=(1024, 4096, 16384), b=1, h=8, d=64, dtype=torch.float32) -> list[Case]:
