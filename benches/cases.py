@@ -31,6 +31,30 @@ class Case:
     impls: dict[str, Impl] = field(default_factory=dict)
 
 
+def bench_params(cases: list[Case]) -> list:
+    """pytest params ``(case, direction, impl)`` for every implementation that has that
+    direction."""
+    import pytest
+
+    return [
+        pytest.param(case, direction, impl, id=f"{case.op}-{case.shape.replace(' ', '-')}-{direction}-{impl}")
+        for case in cases
+        for direction in ("fwd", "bwd")
+        for impl, fns in case.impls.items()
+        if (fns.forward if direction == "fwd" else fns.backward) is not None
+    ]
+
+
+def run_bench(benchmark, case: Case, direction: str, impl: str) -> None:
+    """Times one implementation of one case with pytest-benchmark, grouped by shape and
+    direction."""
+    benchmark.group = f"{case.op} {direction} {case.shape}"
+    benchmark.extra_info["gflop"] = case.flops_fwd * (case.bwd_factor if direction == "bwd" else 1) / 1e9
+    fn = case.impls[impl].forward if direction == "fwd" else case.impls[impl].backward
+    fn()  # warm-up outside the timing (builds the saved graph for bwd, compiles)
+    benchmark(fn)
+
+
 def _grad_of(fn, inputs):
     """A callable computing d(inputs) of fn(*inputs) for a fixed random upstream gradient,
     reusing one saved forward graph so only the backward pass is timed. The graph is built on

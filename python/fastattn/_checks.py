@@ -154,3 +154,24 @@ def na_dims(q_shape, k_shape, v_shape, ak_shape=None, av_shape=None, rank=None):
             )
         n_add = ak_shape[1]
     return b, list(spatial), hq, hkv, d, dv, n_add
+
+
+def na_inputs(query, key, value, additional_keys, additional_values) -> dict:
+    """The inputs of a neighborhood-attention call by name, additional ones only if given."""
+    named = {"query": query, "key": key, "value": value}
+    if additional_keys is not None:
+        named["additional_keys"] = additional_keys
+    if additional_values is not None:
+        named["additional_values"] = additional_values
+    return named
+
+
+def na_call(named: dict, kernel_size, stride, dilation, is_causal, scale, rank=None):
+    """Validates a neighborhood-attention call whose inputs (from :func:`na_inputs`) have
+    passed the dtype checks; returns the kernel's dims (see :func:`na_dims`) and window
+    parameters ``(kernel_size, stride, dilation, is_causal, scale)``."""
+    shape = lambda name: None if name not in named else tuple(named[name].shape)  # noqa: E731
+    dims = na_dims(shape("query"), shape("key"), shape("value"), shape("additional_keys"),
+                   shape("additional_values"), rank=rank)
+    ks, ss, ds, cs = na_arguments(dims[1], kernel_size, stride, dilation, is_causal)
+    return dims, (list(ks), list(ss), list(ds), list(cs), check_scale(scale, dims[4] ** -0.5))

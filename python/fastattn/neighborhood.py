@@ -132,21 +132,10 @@ def _prepare(query, key, value, kernel_size, stride, dilation, is_causal, scale,
              additional_values, rank=None):
     """Validates everything in Python (naming the argument) and returns the op's window
     arguments ``(kernel_size, stride, dilation, is_causal, scale)`` as lists and a float."""
-    extra = {}
-    if additional_keys is not None:
-        extra["additional_keys"] = additional_keys
-    if additional_values is not None:
-        extra["additional_values"] = additional_values
-    check_tensors(query=query, key=key, value=value, **extra)
-    dims = _checks.na_dims(
-        query.shape, key.shape, value.shape,
-        None if additional_keys is None else additional_keys.shape,
-        None if additional_values is None else additional_values.shape,
-        rank=rank,
-    )
-    ks, ss, ds, cs = _checks.na_arguments(dims[1], kernel_size, stride, dilation, is_causal)
-    scale = _checks.check_scale(scale, dims[4] ** -0.5)
-    return list(ks), list(ss), list(ds), list(cs), scale
+    named = _checks.na_inputs(query, key, value, additional_keys, additional_values)
+    check_tensors(**named)
+    _, window = _checks.na_call(named, kernel_size, stride, dilation, is_causal, scale, rank)
+    return window
 
 
 def neighborhood_attention(

@@ -210,25 +210,13 @@ def flow_attention_backward(dout, q, k, v, causal=False, eps=1e-6):
 
 
 def _na_args(query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values):
-    extra = {}
-    if additional_keys is not None:
-        extra["additional_keys"] = additional_keys
-    if additional_values is not None:
-        extra["additional_values"] = additional_values
-    arrays = _arrays(query=query, key=key, value=value, **extra)
-    q, k, v = arrays[:3]
-    ak, av = arrays[3:] if len(arrays) == 5 else (None, None)
-    dims = _checks.na_dims(
-        q.shape, k.shape, v.shape,
-        None if additional_keys is None else additional_keys.shape,
-        None if additional_values is None else additional_values.shape,
-    )
-    b, spatial, _, hkv, d, dv, _ = dims
-    if ak is None:
-        ak = np.empty((b, 0, hkv, d), dtype=q.dtype)
-        av = np.empty((b, 0, hkv, dv), dtype=q.dtype)
-    ks, ss, ds, cs = _checks.na_arguments(spatial, kernel_size, stride, dilation, is_causal)
-    params = (list(ks), list(ss), list(ds), list(cs), _checks.check_scale(scale, d**-0.5))
+    named = _checks.na_inputs(query, key, value, additional_keys, additional_values)
+    named = dict(zip(named, _arrays(**named)))
+    dims, params = _checks.na_call(named, kernel_size, stride, dilation, is_causal, scale)
+    q, k, v = named["query"], named["key"], named["value"]
+    b, _, _, hkv, d, dv, _ = dims
+    ak = named.get("additional_keys", np.empty((b, 0, hkv, d), dtype=q.dtype))
+    av = named.get("additional_values", np.empty((b, 0, hkv, dv), dtype=q.dtype))
     return q, k, v, ak, av, dims, params
 
 

@@ -1,7 +1,7 @@
 //! Dense attention bindings.
 
 use crate::buffers::{slice, slice_mut, Buf, DType};
-use crate::runtime::run;
+use crate::runtime::{flops, run};
 use crate::with_dtype;
 use fastattn_kernels::attention::{self, AttnDims};
 use fastattn_kernels::Element;
@@ -24,16 +24,13 @@ fn dims((batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim): Dims) -
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
 fn work(d: &AttnDims) -> f64 {
-    4.0 * [
+    flops(&[
         d.batch,
         d.q_len,
         d.kv_len,
         d.q_heads,
         d.head_dim.max(d.v_head_dim),
-    ]
-    .iter()
-    .map(|&x| x as f64)
-    .product::<f64>()
+    ])
 }
 
 #[pyfunction]

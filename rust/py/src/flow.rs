@@ -1,7 +1,7 @@
 //! Flow-Attention bindings.
 
 use crate::buffers::{slice, slice_mut, Buf, DType};
-use crate::runtime::run;
+use crate::runtime::{flops, run};
 use crate::with_dtype;
 use fastattn_kernels::flow::{self, FlowDims};
 use pyo3::prelude::*;
@@ -22,16 +22,13 @@ fn dims((batch, q_len, kv_len, heads, head_dim, v_head_dim): Dims) -> FlowDims {
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
 fn work(d: &FlowDims) -> f64 {
-    4.0 * [
+    flops(&[
         d.batch,
         d.q_len.max(d.kv_len),
         d.heads,
         d.head_dim,
         d.v_head_dim,
-    ]
-    .iter()
-    .map(|&x| x as f64)
-    .product::<f64>()
+    ])
 }
 
 #[pyfunction]

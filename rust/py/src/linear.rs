@@ -1,7 +1,7 @@
 //! Linear attention bindings.
 
 use crate::buffers::{slice, slice_mut, Buf, DType};
-use crate::runtime::run;
+use crate::runtime::{flops, run};
 use crate::with_dtype;
 use fastattn_kernels::linear::{self, FeatureMap, LinearDims, LinearOpts};
 use fastattn_kernels::Element;
@@ -43,10 +43,7 @@ unsafe fn opt<'a, T>(name: &str, b: Option<Buf>) -> PyResult<Option<&'a [T]>> {
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
 fn work(d: &LinearDims) -> f64 {
-    4.0 * [d.batch, d.seq_len, d.heads, d.head_dim, d.v_head_dim]
-        .iter()
-        .map(|&x| x as f64)
-        .product::<f64>()
+    flops(&[d.batch, d.seq_len, d.heads, d.head_dim, d.v_head_dim])
 }
 
 #[pyfunction]

@@ -1,7 +1,7 @@
 //! Neighborhood attention bindings.
 
 use crate::buffers::{slice, slice_mut, Buf, DType};
-use crate::runtime::run;
+use crate::runtime::{flops, run};
 use crate::with_dtype;
 use fastattn_kernels::neighborhood::{self, NaDims, NaParams};
 use fastattn_kernels::Element;
@@ -30,13 +30,15 @@ fn convert(shape: Dims, params: Params) -> PyResult<(NaDims, NaParams)> {
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
 fn work(d: &NaDims, p: &NaParams) -> f64 {
-    let keys: f64 = p.kernel_size[..d.rank]
-        .iter()
-        .map(|&k| k as f64)
-        .product::<f64>()
-        + d.n_additional as f64;
-    let queries: f64 = d.spatial[..d.rank].iter().map(|&x| x as f64).product();
-    4.0 * (d.batch * d.q_heads * d.head_dim.max(d.v_head_dim)) as f64 * queries * keys
+    let keys = p.kernel_size[..d.rank].iter().product::<usize>() + d.n_additional;
+    let queries = d.spatial[..d.rank].iter().product::<usize>();
+    flops(&[
+        d.batch,
+        d.q_heads,
+        d.head_dim.max(d.v_head_dim),
+        queries,
+        keys,
+    ])
 }
 
 #[pyfunction]

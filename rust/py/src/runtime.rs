@@ -34,6 +34,11 @@ fn pool(threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
 /// (a decode step, T=1 attention).
 const INLINE_WORK: f64 = 2e6;
 
+/// The FLOP estimate [`run`] takes: 4 × the product of a call's sizes (two GEMMs' worth).
+pub fn flops(sizes: &[usize]) -> f64 {
+    4.0 * sizes.iter().map(|&x| x as f64).product::<f64>()
+}
+
 thread_local! {
     /// A one-thread pool whose only worker is this thread, so `install` runs inline.
     static INLINE: std::cell::OnceCell<Option<rayon::ThreadPool>> = const { std::cell::OnceCell::new() };

@@ -26,7 +26,7 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 
 /// Fewest rows per thread worth splitting a head's sequence for.
-pub(super) const MIN_SPLIT_ROWS: usize = 512;
+const MIN_SPLIT_ROWS: usize = 512;
 
 /// One thread's buffers, reused across heads.
 pub(super) struct Seg<A: Acc> {
@@ -76,7 +76,7 @@ pub(super) struct Rows {
     pub(super) kb: usize,
 }
 
-pub(super) fn split(len: usize, parts: usize, i: usize) -> (usize, usize) {
+fn split(len: usize, parts: usize, i: usize) -> (usize, usize) {
     (len * i / parts, len * (i + 1) / parts)
 }
 
@@ -118,6 +118,9 @@ pub(super) struct Head<'a, E: Element> {
     pub(super) heads: usize,
     pub(super) d: usize,
     pub(super) dv: usize,
+    /// Query and key rows of the head.
+    pub(super) n: usize,
+    pub(super) m: usize,
     pub(super) eps: E::Acc,
 }
 
@@ -288,10 +291,10 @@ pub(super) trait Segments<A: Acc> {
 }
 
 /// One segment per pool thread; `rayon::broadcast` runs segment `i` on thread `i`.
-pub(super) struct Split<'a, A: Acc> {
-    pub(super) segs: &'a [Mutex<Seg<A>>],
-    pub(super) n: usize,
-    pub(super) m: usize,
+struct Split<'a, A: Acc> {
+    segs: &'a [Mutex<Seg<A>>],
+    n: usize,
+    m: usize,
 }
 
 impl<A: Acc> Segments<A> for Split<'_, A> {
@@ -307,10 +310,10 @@ impl<A: Acc> Segments<A> for Split<'_, A> {
 }
 
 /// The whole head as one segment on the calling thread.
-pub(super) struct Whole<'a, A: Acc> {
-    pub(super) sg: RefCell<&'a mut Seg<A>>,
-    pub(super) n: usize,
-    pub(super) m: usize,
+struct Whole<'a, A: Acc> {
+    sg: RefCell<&'a mut Seg<A>>,
+    n: usize,
+    m: usize,
 }
 
 impl<A: Acc> Segments<A> for Whole<'_, A> {
@@ -326,14 +329,8 @@ impl<A: Acc> Segments<A> for Whole<'_, A> {
 }
 
 /// The four passes of one head, with the reductions between them.
-fn run_head<E: Element>(
-    hd: &Head<'_, E>,
-    n: usize,
-    m: usize,
-    segs: &impl Segments<E::Acc>,
-    out: SharedMut<E>,
-) {
-    let eps = hd.eps;
+fn run_head<E: Element>(hd: &Head<'_, E>, segs: &impl Segments<E::Acc>, out: SharedMut<E>) {
+    let (eps, n, m) = (hd.eps, hd.n, hd.m);
     let (sq, sk): (Vec<_>, Vec<_>) = segs.each(&|r, sg| hd.sums(r, sg)).into_iter().unzip();
     let ((nq, snq), (nk, snk)) = (shifted(add_all(sq), eps), shifted(add_all(sk), eps));
     let (wq, wk): (Vec<_>, Vec<_>) = segs
@@ -354,19 +351,23 @@ fn run_head<E: Element>(
     segs.each(&|r, sg| hd.output(r, sg, (&nwk, swk), ratio, cscale, &bs, bsps, out));
 }
 
-/// The forward over every (batch, head); `q_len` and `kv_len` must be positive.
-pub(super) fn forward<E: Element>(
+/// Work done on each head: the passes, over whichever segments the driver chose.
+pub(super) trait HeadJob<E: Element>: Sync {
+    fn run(&self, hd: &Head<'_, E>, segs: &impl Segments<E::Acc>);
+}
+
+/// Runs `job` on every (batch, head): heads in parallel, each on one thread as one segment,
+/// or, when there are fewer heads than threads and the sequences are long, heads one after
+/// another with each split across every thread. `q_len` and `kv_len` must be positive.
+pub(super) fn each_head<E: Element>(
     level: Level,
     dims: &FlowDims,
     eps: E::Acc,
-    q: &[E],
-    k: &[E],
-    v: &[E],
-    out: &mut [E],
+    (q, k, v): (&[E], &[E], &[E]),
+    job: &impl HeadJob<E>,
 ) {
     let (n, m, hs) = (dims.q_len, dims.kv_len, dims.heads);
     let threads = rayon::current_num_threads().max(1);
-    let outp = SharedMut(out.as_mut_ptr());
     let tasks = dims.batch * hs;
     let head = |task: usize| Head {
         q,
@@ -379,6 +380,8 @@ pub(super) fn forward<E: Element>(
         heads: hs,
         d: dims.head_dim,
         dv: dims.v_head_dim,
+        n,
+        m,
         eps,
     };
     if tasks < threads && n.min(m) >= MIN_SPLIT_ROWS * threads {
@@ -388,7 +391,7 @@ pub(super) fn forward<E: Element>(
             .collect();
         let split = Split { segs: &segs, n, m };
         for task in 0..tasks {
-            run_head(&head(task), n, m, &split, outp);
+            job.run(&head(task), &split);
         }
     } else {
         let per: PerThread<Seg<E::Acc>> = PerThread::new();
@@ -396,19 +399,44 @@ pub(super) fn forward<E: Element>(
             per.with(
                 || Seg::new(n.max(m), dims.head_dim),
                 |sg| {
-                    run_head(
+                    job.run(
                         &head(task),
-                        n,
-                        m,
                         &Whole {
                             sg: RefCell::new(sg),
                             n,
                             m,
                         },
-                        outp,
-                    );
+                    )
                 },
             )
         });
     }
+}
+
+/// The forward's job: the four passes, writing `out`.
+struct Forward<E>(SharedMut<E>);
+
+impl<E: Element> HeadJob<E> for Forward<E> {
+    fn run(&self, hd: &Head<'_, E>, segs: &impl Segments<E::Acc>) {
+        run_head(hd, segs, self.0);
+    }
+}
+
+/// The forward over every (batch, head); `q_len` and `kv_len` must be positive.
+pub(super) fn forward<E: Element>(
+    level: Level,
+    dims: &FlowDims,
+    eps: E::Acc,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    out: &mut [E],
+) {
+    each_head(
+        level,
+        dims,
+        eps,
+        (q, k, v),
+        &Forward(SharedMut(out.as_mut_ptr())),
+    );
 }

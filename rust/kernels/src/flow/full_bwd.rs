@@ -15,18 +15,14 @@
 //! k rows:  dk from all of the above
 //! ```
 
-use super::full::{add_all, shifted, Head, Rows, Seg, Segments, Split, Whole, MIN_SPLIT_ROWS};
+use super::full::{add_all, each_head, shifted, Head, HeadJob, Rows, Seg, Segments};
 use super::{sigmoid, FlowDims};
 use crate::element::{Acc, Element};
 use crate::gemm::round_up_nr;
 use crate::linear::core::{mm, pack_n, pack_t, CHUNK};
 use crate::linear::{gather, SharedMut};
-use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
 use crate::simd::Level;
-use rayon::prelude::*;
-use std::cell::RefCell;
-use std::sync::Mutex;
 
 /// Per-row values a segment keeps between the backward's passes.
 #[derive(Default)]
@@ -325,14 +321,8 @@ impl<E: Element> Head<'_, E> {
 }
 
 /// One head's backward: the forward's reductions, then the four gradient passes.
-fn run_head<E: Element>(
-    hd: &Head<'_, E>,
-    gr: &Grads<'_, E>,
-    n: usize,
-    m: usize,
-    segs: &impl Segments<E::Acc>,
-) {
-    let (eps, d, dv) = (hd.eps, hd.d, hd.dv);
+fn run_head<E: Element>(hd: &Head<'_, E>, gr: &Grads<'_, E>, segs: &impl Segments<E::Acc>) {
+    let (eps, d, dv, n, m) = (hd.eps, hd.d, hd.dv, hd.n, hd.m);
     let vp = round_up_nr(dv);
     let (sq, sk): (Vec<_>, Vec<_>) = segs.each(&|r, sg| hd.sums(r, sg)).into_iter().unzip();
     let ((nq, snq), (nk, snk)) = (shifted(add_all(sq), eps), shifted(add_all(sk), eps));
@@ -395,6 +385,12 @@ fn run_head<E: Element>(
     segs.each(&|r, sg| hd.grad_k2(r, sg, gr, &z, scm, &dwk, &dsk));
 }
 
+impl<E: Element> HeadJob<E> for Grads<'_, E> {
+    fn run(&self, hd: &Head<'_, E>, segs: &impl Segments<E::Acc>) {
+        run_head(hd, self, segs);
+    }
+}
+
 /// The backward over every (batch, head); `q_len` and `kv_len` must be positive.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<E: Element>(
@@ -409,56 +405,11 @@ pub(super) fn backward<E: Element>(
     dk: &mut [E],
     dv: &mut [E],
 ) {
-    let (n, m, hs) = (dims.q_len, dims.kv_len, dims.heads);
-    let threads = rayon::current_num_threads().max(1);
     let gr = Grads {
         dout,
         dq: SharedMut(dq.as_mut_ptr()),
         dk: SharedMut(dk.as_mut_ptr()),
         dv: SharedMut(dv.as_mut_ptr()),
     };
-    let tasks = dims.batch * hs;
-    let head = |task: usize| Head {
-        q,
-        k,
-        v,
-        level,
-        qrow0: (task / hs) * n,
-        krow0: (task / hs) * m,
-        h: task % hs,
-        heads: hs,
-        d: dims.head_dim,
-        dv: dims.v_head_dim,
-        eps,
-    };
-    if tasks < threads && n.min(m) >= MIN_SPLIT_ROWS * threads {
-        let rows = n.max(m).div_ceil(threads);
-        let segs: Vec<Mutex<Seg<E::Acc>>> = (0..threads)
-            .map(|_| Mutex::new(Seg::new(rows, dims.head_dim)))
-            .collect();
-        let split = Split { segs: &segs, n, m };
-        for task in 0..tasks {
-            run_head(&head(task), &gr, n, m, &split);
-        }
-    } else {
-        let per: PerThread<Seg<E::Acc>> = PerThread::new();
-        (0..tasks).into_par_iter().for_each(|task| {
-            per.with(
-                || Seg::new(n.max(m), dims.head_dim),
-                |sg| {
-                    run_head(
-                        &head(task),
-                        &gr,
-                        n,
-                        m,
-                        &Whole {
-                            sg: RefCell::new(sg),
-                            n,
-                            m,
-                        },
-                    )
-                },
-            )
-        });
-    }
+    each_head(level, dims, eps, (q, k, v), &gr);
 }
