@@ -26,6 +26,17 @@ FIXED = [
     (1, (4, 4, 4), 1, 1, 8, 8, 0, 4, 1, 1, (False, True, False)),
 ]
 
+# Shapes the AVX-512 lanes forward takes (fp32 / half, rank <= 2, stride 1 along the last
+# dimension, windows up to 16 there, lines of at least 12): line edges, causal lines, even
+# kernels, dilation, outer stride, kernel == one dimension, GQA, odd head dims.
+LANES = [
+    (2, (20, 33), 2, 1, 32, 32, 0, 7, 1, 1, False),
+    (1, (12, 40), 2, 2, 16, 24, 0, (4, 6), 1, (1, 2), True),
+    (1, (6, 29), 1, 1, 8, 5, 0, (2, 5), (2, 1), (2, 1), (True, True)),
+    (1, (100,), 3, 1, 17, 9, 0, 13, 1, 1, True),
+    (1, (16, 18), 2, 1, 16, 16, 0, (16, 8), (4, 1), 1, False),
+]
+
 
 def _random_case(rng: random.Random):
     rank = rng.choice((1, 1, 2, 2, 2, 3))
@@ -109,6 +120,15 @@ def test_random_sweep_extended(case):
 
 @pytest.mark.parametrize("case", FIXED[1:10], ids=_ids)
 def test_fp32_forward_and_grads_close_to_float64_reference(case):
+    _check_fp32(case)
+
+
+@pytest.mark.parametrize("case", LANES, ids=_ids)
+def test_lanes_shapes_fp32_close_to_float64_reference(case, simd_level):
+    _check_fp32(case)
+
+
+def _check_fp32(case):
     q, k, v, ak, av = _inputs(case, torch.float32)
     window = _window(case)
     leaves32 = [t.requires_grad_(True) for t in (q, k, v, ak, av) if t is not None]
@@ -130,7 +150,7 @@ def test_fp32_forward_and_grads_close_to_float64_reference(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", [FIXED[1], FIXED[5], FIXED[9]], ids=_ids)
+@pytest.mark.parametrize("case", [FIXED[1], FIXED[5], FIXED[9], *LANES[:2]], ids=_ids)
 def test_half_precision_within_multiple_of_reference_in_dtype(case, dtype, simd_level):
     q, k, v, ak, av = _inputs(case, dtype)
     window = _window(case)

@@ -69,7 +69,12 @@ fn main() {
         let f_ms = best_ms(reps, || {
             forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap()
         });
-        let fb_ms = best_ms(reps, || {
+        // BENCH_FWD_ONLY=1 skips the backward (for profiling the forward).
+        let fwd_only = std::env::var_os("BENCH_FWD_ONLY").is_some();
+        let fb_ms = best_ms(if fwd_only { 0 } else { reps }, || {
+            if fwd_only {
+                return;
+            }
             forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap();
             backward(
                 &dims,

@@ -69,6 +69,10 @@ pub(super) fn run<E: Element>(
     out: &mut [E],
     lse: &mut [E::Acc],
 ) {
+    if super::lanes::applies::<E>(level, dims, geo) {
+        super::lanes::run(dims, geo, scale, q, k, v, out, lse);
+        return;
+    }
     let (batch, hq, hkv, d, dv, na) = (
         dims.batch,
         dims.q_heads,

@@ -18,6 +18,7 @@
 
 mod backward;
 mod forward;
+mod lanes;
 mod pack;
 mod rows;
 #[cfg(test)]

@@ -200,6 +200,9 @@ pub(super) fn cols<E: Element>(
     ps
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::transpose16;
+
 /// AVX-512 `Xᵀ` panels of f32 rows: 16 × 16 blocks transposed in registers (scalar strided
 /// stores were a fifth of the forward's time at head dim 32).
 #[cfg(target_arch = "x86_64")]
@@ -210,7 +213,7 @@ mod x86 {
     /// Transposes 16 rows of 16 lanes in place.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transpose16(r: &mut [__m512; 16]) {
+    pub(in crate::neighborhood) unsafe fn transpose16(r: &mut [__m512; 16]) {
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);

@@ -227,32 +227,107 @@ fn many_tiles_match_reference_every_level() {
         case(&[450], 2, 1, 32, 32, 2, &[9], &[1], &[2], &[false]),
     ];
     for (ci, c) in cases.iter().enumerate() {
-        let dm = &c.dims;
-        let n: usize = c.sp.iter().product();
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 + ci as u64);
-        let x = [
-            rng.vec(dm.batch * n * dm.q_heads * dm.head_dim),
-            rng.vec(dm.batch * n * dm.kv_heads * dm.head_dim),
-            rng.vec(dm.batch * n * dm.kv_heads * dm.v_head_dim),
-            rng.vec(dm.batch * dm.n_additional * dm.kv_heads * dm.head_dim),
-            rng.vec(dm.batch * dm.n_additional * dm.kv_heads * dm.v_head_dim),
-            rng.vec(dm.batch * n * dm.q_heads * dm.v_head_dim),
-        ];
-        let want = reference(c, &x);
-        for level in simd::available() {
-            let got = run_f32(level, c, &x);
-            for (name, (g, w)) in ["out", "lse", "dq", "dk", "dv", "dak", "dav"]
+        check_every_level(ci, c, 0x9E37_79B9_7F4A_7C15 + ci as u64);
+    }
+}
+
+/// Forward + backward of `c` on seeded inputs at every level against the reference.
+fn check_every_level(ci: usize, c: &Case, seed: u64) {
+    let dm = &c.dims;
+    let n: usize = c.sp.iter().product();
+    let mut rng = Rng(seed);
+    let x = [
+        rng.vec(dm.batch * n * dm.q_heads * dm.head_dim),
+        rng.vec(dm.batch * n * dm.kv_heads * dm.head_dim),
+        rng.vec(dm.batch * n * dm.kv_heads * dm.v_head_dim),
+        rng.vec(dm.batch * dm.n_additional * dm.kv_heads * dm.head_dim),
+        rng.vec(dm.batch * dm.n_additional * dm.kv_heads * dm.v_head_dim),
+        rng.vec(dm.batch * n * dm.q_heads * dm.v_head_dim),
+    ];
+    let want = reference(c, &x);
+    for level in simd::available() {
+        let got = run_f32(level, c, &x);
+        for (name, (g, w)) in ["out", "lse", "dq", "dk", "dv", "dak", "dav"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            assert_eq!(g.len(), w.len());
+            let e = g
                 .iter()
-                .zip(got.iter().zip(&want))
-            {
-                assert_eq!(g.len(), w.len());
-                let e = g
-                    .iter()
-                    .zip(w)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f64::max);
-                assert!(e <= 1e-4, "case {ci} {level:?} {name}: {e}");
-            }
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(e <= 1e-4, "case {ci} {level:?} {name}: {e}");
         }
+    }
+}
+
+/// Shapes the lanes path (`super::lanes`) takes at AVX-512: line lengths that are not
+/// multiples of 16, line edges (permuted loads), causal lines, even kernels, a kernel as
+/// long as its dimension, dilation, stride on the outer dimension, odd head dims.
+#[test]
+fn lanes_path_matches_reference() {
+    let cases = [
+        case(
+            &[20, 33],
+            2,
+            1,
+            32,
+            32,
+            0,
+            &[7, 7],
+            &[1, 1],
+            &[1, 1],
+            &[false, false],
+        ),
+        case(
+            &[12, 40],
+            2,
+            2,
+            16,
+            24,
+            0,
+            &[4, 6],
+            &[1, 1],
+            &[1, 2],
+            &[true, true],
+        ),
+        case(
+            &[6, 29],
+            1,
+            1,
+            8,
+            5,
+            0,
+            &[2, 5],
+            &[2, 1],
+            &[2, 1],
+            &[true, true],
+        ),
+        case(&[100], 3, 1, 17, 9, 0, &[13], &[1], &[1], &[true]),
+        case(&[64], 1, 1, 40, 40, 0, &[16], &[1], &[1], &[false]),
+        case(
+            &[16, 18],
+            2,
+            1,
+            16,
+            16,
+            0,
+            &[16, 8],
+            &[4, 1],
+            &[1, 1],
+            &[false, false],
+        ),
+    ];
+    let avx512 = simd::available().contains(&simd::Level::Avx512);
+    for (ci, c) in cases.iter().enumerate() {
+        let dm = &c.dims;
+        let geo = validate(dm, &c.p).unwrap();
+        assert_eq!(
+            super::lanes::applies::<f32>(simd::Level::Avx512, dm, &geo),
+            avx512,
+            "case {ci}"
+        );
+        check_every_level(ci, c, 0x5851_F42D_4C95_7F2D + ci as u64);
     }
 }
