@@ -26,14 +26,14 @@ FIXED = [
     (1, (4, 4, 4), 1, 1, 8, 8, 0, 4, 1, 1, (False, True, False)),
 ]
 
-# Shapes the AVX-512 lanes forward takes (fp32 / half, rank <= 2, stride 1 along the last
+# Shapes the AVX-512 lanes forward takes (fp32 / half, 2-D, stride 1 along the last
 # dimension, windows up to 16 there, lines of at least 12): line edges, causal lines, even
 # kernels, dilation, outer stride, kernel == one dimension, GQA, odd head dims.
 LANES = [
     (2, (20, 33), 2, 1, 32, 32, 0, 7, 1, 1, False),
     (1, (12, 40), 2, 2, 16, 24, 0, (4, 6), 1, (1, 2), True),
     (1, (6, 29), 1, 1, 8, 5, 0, (2, 5), (2, 1), (2, 1), (True, True)),
-    (1, (100,), 3, 1, 17, 9, 0, 13, 1, 1, True),
+    (1, (3, 100), 3, 1, 17, 9, 0, (2, 13), 1, 1, (False, True)),
     (1, (16, 18), 2, 1, 16, 16, 0, (16, 8), (4, 1), 1, False),
 ]
 

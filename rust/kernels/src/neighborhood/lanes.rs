@@ -42,9 +42,12 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
         && geo.s[2] == 1
         && geo.k.iter().product::<usize>() <= MAX_KEYS
         && geo.k[2] <= MAX_LINE_KERNEL
-        // 3-D calls stay tiled: at 8×16×16, k = 3 that measured faster (short lines,
-        // every block at a line edge).
+        // 2-D only. 3-D calls stay tiled: at 8×16×16, k = 3 that measured faster (short
+        // lines, every block at a line edge). 1-D ones too: a single line has no neighbour
+        // to share key loads with, nor bands to split across threads (L = 4096, k = 13
+        // measured 3.5× slower here).
         && geo.len[0] == 1
+        && geo.len[1] > 1
         && geo.group_len(2, geo.d[2] - 1) >= MIN_LINE
 }
 
