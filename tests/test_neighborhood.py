@@ -38,6 +38,27 @@ LANES = [
 ]
 
 
+def _random_lanes_case(rng: random.Random):
+    """A random 2-D shape inside the lanes forward's range (lines of 12+, window <= 16 along
+    them, stride 1 there, no additional keys)."""
+    d1 = rng.choice((1, 1, 2))
+    n1 = rng.randint(2 * d1, 24)
+    d2 = rng.choice((1, 1, 2))
+    n2 = rng.randint(12 * d2, 50)
+    k1 = rng.randint(2, min(9, n1 // d1))
+    k2 = rng.randint(2, min(16, n2 // d2))
+    s1 = rng.randint(1, k1) if rng.random() < 0.3 else 1
+    causal = (rng.random() < 0.3, rng.random() < 0.3)
+    hkv = rng.choice((1, 2))
+    hq = hkv * rng.choice((1, 2))
+    d = rng.choice((8, 16, 32, 33))
+    dv = d if rng.random() < 0.7 else rng.choice((5, 16))
+    return (rng.randint(1, 2), (n1, n2), hq, hkv, d, dv, 0, (k1, k2), (s1, 1), (d1, d2), causal)
+
+
+LANES_SWEEP = [_random_lanes_case(random.Random(5000 + i)) for i in range(100)]
+
+
 def _random_case(rng: random.Random):
     rank = rng.choice((1, 1, 2, 2, 2, 3))
     spatial, ks, ss, ds, cs = [], [], [], [], []
@@ -125,6 +146,17 @@ def test_fp32_forward_and_grads_close_to_float64_reference(case):
 
 @pytest.mark.parametrize("case", LANES, ids=_ids)
 def test_lanes_shapes_fp32_close_to_float64_reference(case, simd_level):
+    _check_fp32(case)
+
+
+@pytest.mark.parametrize("case", LANES_SWEEP[:12], ids=_ids)
+def test_lanes_random_fp32_close_to_float64_reference(case):
+    _check_fp32(case)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("case", LANES_SWEEP[12:], ids=_ids)
+def test_lanes_random_fp32_extended(case):
     _check_fp32(case)
 
 

@@ -172,28 +172,40 @@ fn backward_matches_finite_differences() {
             let mut dk = vec![0.0; k.len()];
             let mut dv = vec![0.0; v.len()];
             backward(&d, causal, 1e-6, &q, &k, &v, &go, &mut dq, &mut dk, &mut dv).unwrap();
-            let mut args = [q.clone(), k.clone(), v.clone()];
-            let grads = [&dq, &dk, &dv];
-            let eps = 1e-6;
-            for which in 0..3 {
-                for i in (0..args[which].len()).step_by(5) {
-                    let x = args[which][i];
-                    args[which][i] = x + eps;
-                    let lp = loss(&args[0], &args[1], &args[2]);
-                    args[which][i] = x - eps;
-                    let lm = loss(&args[0], &args[1], &args[2]);
-                    args[which][i] = x;
-                    let fd = (lp - lm) / (2.0 * eps);
-                    let got = grads[which][i];
-                    assert!(
-                        (got - fd).abs() <= 1e-5 * (1.0 + fd.abs()),
-                        "{level:?} {d:?} causal={causal} arg {which}[{i}]: {got} vs {fd}"
-                    );
-                }
-            }
+            let entries = [&q, &k, &v].map(|x| (0..x.len()).step_by(5).collect());
+            let what = format!("{level:?} {d:?} causal={causal}");
+            check_fd(&what, loss, [&q, &k, &v], [&dq, &dk, &dv], entries);
         }
     }
     crate::simd::force(None).unwrap();
+}
+
+/// Central differences of `loss` at the `entries` of each argument match `grads`.
+fn check_fd(
+    what: &str,
+    loss: impl Fn(&[f64], &[f64], &[f64]) -> f64,
+    x: [&Vec<f64>; 3],
+    grads: [&Vec<f64>; 3],
+    entries: [Vec<usize>; 3],
+) {
+    let mut args = x.map(|a| a.clone());
+    let eps = 1e-6;
+    for which in 0..3 {
+        for &i in &entries[which] {
+            let x = args[which][i];
+            args[which][i] = x + eps;
+            let lp = loss(&args[0], &args[1], &args[2]);
+            args[which][i] = x - eps;
+            let lm = loss(&args[0], &args[1], &args[2]);
+            args[which][i] = x;
+            let fd = (lp - lm) / (2.0 * eps);
+            let got = grads[which][i];
+            assert!(
+                (got - fd).abs() <= 1e-5 * (1.0 + fd.abs()),
+                "{what} arg {which}[{i}]: {got} vs {fd}"
+            );
+        }
+    }
 }
 
 /// Long non-causal sequences with fewer heads than threads take the sequence-split path
@@ -302,4 +314,43 @@ fn backward_split_across_threads_matches_one_thread() {
             }
         }
     }
+}
+
+/// The causal backward over several of the forward's segments (the core's chunked state
+/// passes, the chain rule's reverse sums over the whole sequence): finite differences on
+/// entries on both sides of every segment boundary, a length that is not a multiple of
+/// the segment.
+#[test]
+fn causal_backward_across_segments_matches_finite_differences() {
+    let mut seed = 31u64;
+    let seg = crate::linear::SEGMENT;
+    let n = 2 * seg + 77;
+    let d = FlowDims {
+        batch: 1,
+        q_len: n,
+        kv_len: n,
+        heads: 2,
+        head_dim: 4,
+        v_head_dim: 3,
+    };
+    // Large amplitudes push some conserved sources past the clamp.
+    let q = rand(n * 2 * 4, &mut seed, 3.0);
+    let k = rand(n * 2 * 4, &mut seed, 3.0);
+    let v = rand(n * 2 * 3, &mut seed, 1.0);
+    let go = rand(n * 2 * 3, &mut seed, 1.0);
+    let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+        let mut out = vec![0.0; go.len()];
+        forward(&d, true, 1e-6, q, k, v, &mut out).unwrap();
+        out.iter().zip(&go).map(|(a, b)| a * b).sum()
+    };
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    backward(&d, true, 1e-6, &q, &k, &v, &go, &mut dq, &mut dk, &mut dv).unwrap();
+    // Every head and column of rows on both sides of each segment boundary.
+    let rows = [0, 5, seg - 1, seg, seg + 1, 2 * seg - 1, 2 * seg, n - 1];
+    let entries = [4, 4, 3].map(|w| {
+        rows.iter()
+            .flat_map(|&t| (0..2 * w).map(move |j| t * 2 * w + j))
+            .collect()
+    });
+    check_fd("causal", loss, [&q, &k, &v], [&dq, &dk, &dv], entries);
 }

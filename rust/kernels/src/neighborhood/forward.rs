@@ -3,6 +3,7 @@
 
 use super::pack::{self, Rows};
 use super::{rows, tile_extent, tiles, Geo, NaDims, SharedMut, Tile};
+use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
 use crate::per_thread::PerThread;
@@ -35,7 +36,9 @@ struct Scratch<E: Element> {
     tile: Tile,
     packed: Packed<E::Acc>,
     q: Vec<E::Acc>,
-    s: Vec<E::Acc>,
+    /// Scores of a chunk (pooled: at 128 queries × 512 keys a fresh one is an `mmap` whose
+    /// pages fault in on every call).
+    s: PoolVec<E::Acc>,
     o: Vec<E::Acc>,
     m: Vec<E::Acc>,
     l: Vec<E::Acc>,
@@ -130,7 +133,11 @@ pub(super) fn run<E: Element>(
                 tile: Tile::new(),
                 packed: Packed::new(),
                 q: Vec::new(),
-                s: vec![E::Acc::ZERO; tq * lds],
+                s: {
+                    let mut s = take(tq * lds);
+                    s.resize(tq * lds, E::Acc::ZERO);
+                    s
+                },
                 o: vec![E::Acc::ZERO; tq * dv_pad],
                 m: vec![E::Acc::ZERO; tq],
                 l: vec![E::Acc::ZERO; tq],
