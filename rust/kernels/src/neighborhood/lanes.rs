@@ -301,6 +301,12 @@ impl Band<'_> {
         let mut keyrows: Vec<x86::KeyRow> = Vec::with_capacity(2 * nkeys);
         let mut qt = std::mem::take(&mut sc.qt);
         let ln2 = std::f32::consts::LN_2;
+        // Every line of the group has the same blocks.
+        let blocks: Vec<Block> = (0..nx)
+            .step_by(16)
+            .map(|x0| Block::new(self, x0, k2))
+            .collect();
+        let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
         for z in self.z.0..self.z.1 {
             let wz = self.win(0, z);
             // Two neighbouring lines at a time: most of their key rows are shared, and each
@@ -339,12 +345,11 @@ impl Band<'_> {
                 }
                 let (s_a, s_b) = sc.s.split_at_mut(nkeys * 16);
                 let (o_a, o_b) = sc.o.split_at_mut(osz);
-                let mut x0 = 0;
-                while x0 < nx {
-                    let blk = Block::new(self, x0, k2);
+                for (bi, blk) in blocks.iter().enumerate() {
+                    let x0 = 16 * bi;
                     let q = [qt.as_ptr().add(x0), qt.as_ptr().add(d * xp + x0)];
                     let ml = x86::block(
-                        &blk,
+                        blk,
                         q,
                         nlines,
                         &keyrows,
@@ -356,20 +361,34 @@ impl Band<'_> {
                         [&mut *o_a, &mut *o_b],
                     );
                     for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
-                        // Rows out: `o[c][lane]` (already divided by l) transposed per lane.
-                        sc.rows.resize(16 * dv, 0.0);
-                        x86::untranspose(if j == 0 { o_a } else { o_b }, dv, &mut sc.rows);
-                        for lane in 0..blk.nl {
+                        // Rows out: `o[c][lane]` (already divided by l) transposed per lane,
+                        // straight into the output for f32, else converted from `rows`.
+                        let row = |lane: usize| {
                             let pos = geo.pos(self.g, [z, y + j, x0 + lane]);
-                            let row = (self.b * self.n + pos) * hq + h;
-                            let dst = std::slice::from_raw_parts_mut(outp.get().add(row * dv), dv);
-                            let src = &sc.rows[lane * dv..(lane + 1) * dv];
-                            // SAFETY: `E::Acc` is f32.
-                            E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
-                            *lsep.get().add(row) = m[lane] * ln2 + l[lane].ln();
+                            (self.b * self.n + pos) * hq + h
+                        };
+                        sc.rows.resize(16 * dv, 0.0);
+                        let mut dst = [std::ptr::null_mut::<f32>(); 16];
+                        for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
+                            *p = if f32_out {
+                                outp.get().add(row(lane) * dv) as *mut f32
+                            } else {
+                                sc.rows.as_mut_ptr().add(lane * dv)
+                            };
+                        }
+                        x86::untranspose(if j == 0 { o_a } else { o_b }, dv, &dst, blk.nl);
+                        for lane in 0..blk.nl {
+                            let r = row(lane);
+                            if !f32_out {
+                                let dst =
+                                    std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
+                                let src = &sc.rows[lane * dv..(lane + 1) * dv];
+                                // SAFETY: `E::Acc` is f32.
+                                E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
+                            }
+                            *lsep.get().add(r) = m[lane] * ln2 + l[lane].ln();
                         }
                     }
-                    x0 += 16;
                 }
                 y += nlines;
             }
@@ -463,13 +482,13 @@ mod x86 {
         }
     }
 
-    /// `rows[l·w + c] = o[c·16 + l]` for 16 lanes.
+    /// `dst[l][c] = o[c·16 + l]` for lanes `l < nl`.
     ///
     /// # Safety
-    /// AVX-512F.
+    /// AVX-512F; `dst[..nl]` valid for `w` writes each.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn untranspose(o: &[f32], w: usize, rows: &mut [f32]) {
-        assert!(o.len() >= w.next_multiple_of(16) * 16 && rows.len() >= 16 * w);
+    pub(super) unsafe fn untranspose(o: &[f32], w: usize, dst: &[*mut f32; 16], nl: usize) {
+        assert!(o.len() >= w.next_multiple_of(16) * 16 && nl <= 16);
         let mut r = [_mm512_setzero_ps(); 16];
         let mut c0 = 0;
         while c0 < w {
@@ -479,8 +498,8 @@ mod x86 {
             }
             transpose16(&mut r);
             let k = ((1u32 << nc) - 1) as __mmask16;
-            for (l, &rl) in r.iter().enumerate() {
-                _mm512_mask_storeu_ps(rows.as_mut_ptr().add(l * w + c0), k, rl);
+            for (l, &rl) in r.iter().enumerate().take(nl) {
+                _mm512_mask_storeu_ps(dst[l].add(c0), k, rl);
             }
             c0 += 16;
         }
@@ -755,7 +774,7 @@ mod x86 {
     ) {
         unreachable!()
     }
-    pub(super) unsafe fn untranspose(_: &[f32], _: usize, _: &mut [f32]) {
+    pub(super) unsafe fn untranspose(_: &[f32], _: usize, _: &[*mut f32; 16], _: usize) {
         unreachable!()
     }
     #[allow(clippy::too_many_arguments)]
