@@ -106,8 +106,14 @@ pub(crate) fn pack_n<A: Acc>(
         let nc = NR.min(cols - c0);
         for r in 0..rows {
             let dst = &mut out[(p * rows + r) * NR..][..NR];
-            dst[..nc].copy_from_slice(&src[r * rs + c0..][..nc]);
-            dst[nc..].fill(A::ZERO);
+            if nc == NR {
+                // a constant length the compiler copies inline (a libc memcpy call per
+                // panel row cost ~4% of a causal forward)
+                dst.copy_from_slice(&src[r * rs + c0..][..NR]);
+            } else {
+                dst[..nc].copy_from_slice(&src[r * rs + c0..][..nc]);
+                dst[nc..].fill(A::ZERO);
+            }
         }
     }
     rows * NR
