@@ -16,6 +16,7 @@ use crate::buffer_pool::take;
 use crate::element::{Acc, Element};
 use crate::error::{check_len, KernelError};
 use crate::per_thread::PerThread;
+use crate::simd::math::VecMath;
 use crate::simd::{self, Level};
 use rayon::prelude::*;
 
@@ -191,7 +192,7 @@ impl<E: Element> Run<'_, E> {
             fm.apply_rows(self.level, &mut sc.aq, &mut sc.tmp, None);
             fm.apply_rows(self.level, &mut sc.kf, &mut sc.tmp, None);
             if scale != <E::Acc as Acc>::ONE {
-                sc.aq.iter_mut().for_each(|x| *x *= scale);
+                E::Acc::scale(self.level, &mut sc.aq, scale);
             }
             // the core writes every row of its output
             fit(&mut sc.o, gh * sl * vd);
