@@ -78,6 +78,16 @@ fn main() {
             .unwrap()
         });
         let bwd = best_ms(3, || {
+            // BENCH_FRESH_OUT: fresh gradients too, as autograd allocates them
+            let mut fresh_g = if fresh {
+                vec![vec![0f32; len]; 3]
+            } else {
+                Vec::new()
+            };
+            let (dq, dk, dv) = match &mut fresh_g[..] {
+                [a, b, c] => (a, b, c),
+                _ => (&mut dq, &mut dk, &mut dv),
+            };
             backward(
                 &dims,
                 &opts,
@@ -90,9 +100,9 @@ fn main() {
                 x,
                 None,
                 None,
-                &mut dq,
-                &mut dk,
-                &mut dv,
+                dq,
+                dk,
+                dv,
                 &mut [],
                 &mut [],
             )

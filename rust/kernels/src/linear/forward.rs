@@ -98,6 +98,9 @@ pub fn forward<E: Element>(
         ),
         want: (!final_kv.is_empty(), !final_z.is_empty()),
     };
+    // A fresh output (every call from Python) is a fresh mapping that would otherwise
+    // fault in 4 KiB at a time inside the loop below.
+    crate::pages::prefer_huge(out);
     let per: PerThread<Scratch<E::Acc>> = PerThread::new();
     (0..n * groups).into_par_iter().for_each(|task| {
         let (si, gi) = (task / groups, task % groups);

@@ -320,6 +320,10 @@ pub fn backward<E: Element>(
     check_opt_out("d_initial_kv", d_init_kv, n * h * kd * vd)?;
     check_opt_out("d_initial_z", d_init_z, n * h * kd)?;
     let level: Level = simd::active();
+    // fresh gradient tensors fault page by page otherwise (see `crate::pages`)
+    crate::pages::prefer_huge(dq);
+    crate::pages::prefer_huge(dk);
+    crate::pages::prefer_huge(dv);
     let (dqp, dkp, dvp) = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),
