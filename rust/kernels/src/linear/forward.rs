@@ -7,7 +7,7 @@
 //! of `g` adjacent heads reads each row's `g` runs as one, in segments whose per-head length
 //! shrinks with `g` so the working set stays the same.
 
-use super::rows::{fit, gather_heads, scatter_heads, Block};
+use super::rows::{can_stream, fit, gather_heads, scatter_heads, Block};
 use super::{
     check_opt_out, check_state, decode_step, sequences, validate, Core, LinearDims, LinearOpts,
     Scratch, SharedMut, CHUNK, SEGMENT,
@@ -83,8 +83,11 @@ pub fn forward<E: Element>(
     };
     let groups = h.div_ceil(g);
     let seg_rows = maxlen.min(seg);
+    let level = simd::active();
+    let stream = can_stream(level, out, vd);
     let run = Run {
-        level: simd::active(),
+        level,
+        stream,
         opts,
         dims: (h, kd, vd),
         seg,
@@ -116,6 +119,8 @@ pub fn forward<E: Element>(
 /// What every task of one forward call shares.
 struct Run<'a, E: Element> {
     level: Level,
+    /// write the output with non-temporal stores (see [`can_stream`])
+    stream: bool,
     opts: &'a LinearOpts,
     /// heads, key width, value width
     dims: (usize, usize, usize),
@@ -230,7 +235,7 @@ impl<E: Element> Run<'_, E> {
             }
             (have_s, have_z) = (true, true);
             // SAFETY: this task owns these rows of heads h0..h0+gh.
-            unsafe { scatter_heads(&sc.o, &blk(vd), self.outp) };
+            unsafe { scatter_heads(&sc.o, &blk(vd), self.outp, self.stream) };
             start += sl;
         }
         for j in 0..gh {
