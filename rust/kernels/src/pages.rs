@@ -33,56 +33,9 @@ pub fn prefer_huge<T>(buf: &mut [T]) {
     let _ = buf;
 }
 
-/// Below this, faulting pages in as the kernel writes them costs little.
-const PREFAULT_MIN_BYTES: usize = 4 << 20;
-
-/// [`prefer_huge`], then has the pool's threads first-touch disjoint halves (by address)
-/// of a large output, writing `fill` once per 4 KiB (the kernel overwrites every value).
-/// Left to the kernel's own writes, both threads would fault on the same huge pages at
-/// once (tasks split heads, and every row holds all heads): the OS zeroes each racing
-/// copy and discards the loser's, with both threads stalled.
-pub fn prepare_output<T: Copy + Send + Sync>(buf: &mut [T], fill: T) {
-    use rayon::prelude::*;
-    prefer_huge(buf);
-    let bytes = std::mem::size_of_val(buf);
-    if bytes < PREFAULT_MIN_BYTES {
-        return;
-    }
-    let page = (4096 / std::mem::size_of::<T>().max(1)).max(1);
-    let part = buf.len().div_ceil(rayon::current_num_threads().max(1));
-    buf.par_chunks_mut(part.max(1)).for_each(|c| {
-        for i in (0..c.len()).step_by(page) {
-            // SAFETY: `i` is in bounds; volatile so the store is not folded into the
-            // kernel's later overwrite.
-            unsafe { std::ptr::write_volatile(&mut c[i], fill) };
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{prefer_huge, prepare_output};
-
-    /// A large output gets `fill` at the start of every 4 KiB and nothing else changes; a
-    /// small one is left alone.
-    #[test]
-    fn prepare_touches_one_value_per_page() {
-        for n in [1000usize, (5 << 20) / 4 + 3] {
-            let mut v: Vec<f32> = (0..n).map(|i| i as f32).collect();
-            prepare_output(&mut v, -1.0);
-            let big = n * 4 >= super::PREFAULT_MIN_BYTES;
-            let touched = v.iter().filter(|&&x| x == -1.0).count();
-            assert_eq!(touched > 0, big, "{n}");
-            // at most one per page and per thread's part
-            assert!(
-                touched <= n / 1024 + 1 + rayon::current_num_threads(),
-                "{n}"
-            );
-            for (i, &x) in v.iter().enumerate() {
-                assert!(x == -1.0 || x == i as f32, "{n}: [{i}] = {x}");
-            }
-        }
-    }
+    use super::prefer_huge;
 
     /// The advice must leave contents alone (a wrong advice such as "don't need" would zero
     /// them), on buffers with and without whole 2 MiB extents.

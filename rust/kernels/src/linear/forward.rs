@@ -103,7 +103,7 @@ pub fn forward<E: Element>(
     };
     // A fresh output (every call from Python) is a fresh mapping that would otherwise
     // fault in 4 KiB at a time inside the loop below.
-    crate::pages::prepare_output(out, E::from_acc(<E::Acc as Acc>::ZERO));
+    crate::pages::prefer_huge(out);
     let per: PerThread<Scratch<E::Acc>> = PerThread::new();
     (0..n * groups).into_par_iter().for_each(|task| {
         let (si, gi) = (task / groups, task % groups);

@@ -321,10 +321,9 @@ pub fn backward<E: Element>(
     check_opt_out("d_initial_z", d_init_z, n * h * kd)?;
     let level: Level = simd::active();
     // fresh gradient tensors fault page by page otherwise (see `crate::pages`)
-    let zero = E::from_acc(<E::Acc as Acc>::ZERO);
-    crate::pages::prepare_output(dq, zero);
-    crate::pages::prepare_output(dk, zero);
-    crate::pages::prepare_output(dv, zero);
+    crate::pages::prefer_huge(dq);
+    crate::pages::prefer_huge(dk);
+    crate::pages::prefer_huge(dv);
     let (dqp, dkp, dvp) = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),
