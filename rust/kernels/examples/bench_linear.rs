@@ -19,6 +19,12 @@ fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// `len` values of `buf` from a 64-byte boundary, as torch aligns its tensors.
+fn aligned(buf: &mut [f32], len: usize) -> &mut [f32] {
+    let a = (16 - (buf.as_ptr() as usize % 64) / 4) % 16;
+    &mut buf[a..a + len]
+}
+
 fn main() {
     let ts: Vec<usize> = std::env::args()
         .skip(1)
@@ -46,43 +52,66 @@ fn main() {
             v_head_dim: d,
         };
         let len = t * h * d;
-        let x: Vec<f32> = (0..len)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
-            .collect();
-        let mut out = vec![0f32; len];
+        // distinct q/k/v, as a real call reads three tensors, not one
+        let input = |seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed) % 1000) as f32 / 1000.0)
+                .collect()
+        };
+        let (q, k, v) = (input(0), input(1), input(2));
+        let x = &q;
+        let fresh = std::env::var_os("BENCH_FRESH_OUT").is_some();
+        let mut out = vec![0f32; len + 16];
         let (mut dq, mut dk, mut dv) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
         let fwd = best_ms(5, || {
+            // BENCH_FRESH_OUT: a new output per call, as the Python bindings allocate one
+            // (a fresh mapping whose pages fault on first write)
+            let mut fresh_out = if fresh {
+                vec![0f32; len + 16]
+            } else {
+                Vec::new()
+            };
+            let out = aligned(if fresh { &mut fresh_out } else { &mut out }, len);
             forward(
                 &dims,
                 &opts,
                 None,
-                &x,
-                &x,
-                &x,
+                &q,
+                &k,
+                &v,
                 None,
                 None,
-                &mut out,
+                out,
                 &mut [],
                 &mut [],
             )
             .unwrap()
         });
         let bwd = best_ms(3, || {
+            // BENCH_FRESH_OUT: fresh gradients too, as autograd allocates them
+            // (not `vec![vec![..]; 3]`: its clones would write every page before the call)
+            let mut fresh_g: Vec<Vec<f32>> = (0..if fresh { 3 } else { 0 })
+                .map(|_| vec![0f32; len])
+                .collect();
+            let (dq, dk, dv) = match &mut fresh_g[..] {
+                [a, b, c] => (a, b, c),
+                _ => (&mut dq, &mut dk, &mut dv),
+            };
             backward(
                 &dims,
                 &opts,
                 None,
-                &x,
-                &x,
-                &x,
+                &q,
+                &k,
+                &v,
                 None,
                 None,
-                &x,
+                x,
                 None,
                 None,
-                &mut dq,
-                &mut dk,
-                &mut dv,
+                dq,
+                dk,
+                dv,
                 &mut [],
                 &mut [],
             )

@@ -19,6 +19,7 @@ pub mod flow;
 pub mod gemm;
 pub mod linear;
 pub mod neighborhood;
+pub mod pages;
 pub mod per_thread;
 pub mod simd;
 

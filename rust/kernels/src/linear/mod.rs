@@ -8,9 +8,12 @@
 //! packed row.
 //!
 //! The work runs on the chunked core in [`core`] (intra-chunk blocks and inter-chunk
-//! `K×V` states on the packed GEMM), parallel over (sequence, head).
+//! `K×V` states on the packed GEMM), parallel over (sequence, head) — the forward over
+//! (sequence, group of adjacent heads), see [`forward`].
 
 pub mod core;
+mod forward;
+mod rows;
 
 use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
@@ -20,8 +23,12 @@ use crate::simd::{self, Level};
 use rayon::prelude::*;
 
 pub use self::core::{Core, Ws, CHUNK};
+pub use self::forward::forward;
+pub(crate) use self::rows::{gather, scatter};
 
-/// Rows per streamed segment of the causal forward (a multiple of [`CHUNK`]).
+/// Rows per streamed segment of the causal backward and flow forward (a multiple of
+/// [`CHUNK`]); the causal forward streams `SEGMENT / g` rows of each of its `g` heads at a
+/// time.
 pub const SEGMENT: usize = 512;
 
 /// Feature map applied to q and k inside the kernel.
@@ -204,48 +211,6 @@ pub fn sequences(
     }
 }
 
-/// Gathers rows `row0..row0+len` of head `h` from a `[rows, heads, width]` tensor as
-/// contiguous accumulation-type rows, mapping every value through `f`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gather<E: Element>(
-    src: &[E],
-    row0: usize,
-    len: usize,
-    heads: usize,
-    h: usize,
-    width: usize,
-    dst: &mut Vec<E::Acc>,
-    f: impl Fn(E::Acc) -> E::Acc,
-) {
-    dst.clear();
-    dst.resize(len * width, <E::Acc as Acc>::ZERO);
-    for t in 0..len {
-        let off = ((row0 + t) * heads + h) * width;
-        let d = &mut dst[t * width..(t + 1) * width];
-        E::to_acc_slice(&src[off..off + width], d);
-        d.iter_mut().for_each(|x| *x = f(*x));
-    }
-}
-
-/// Writes contiguous rows back into head `h` of a `[rows, heads, width]` tensor.
-///
-/// # Safety
-/// Those rows of `dst` must be in bounds and written by no one else meanwhile.
-pub(crate) unsafe fn scatter<E: Element>(
-    src: &[E::Acc],
-    row0: usize,
-    len: usize,
-    heads: usize,
-    h: usize,
-    width: usize,
-    dst: SharedMut<E>,
-) {
-    for t in 0..len {
-        let off = ((row0 + t) * heads + h) * width;
-        E::from_acc_slice(&src[t * width..(t + 1) * width], dst.slice(off, width));
-    }
-}
-
 fn check_state<A>(name: &'static str, s: Option<&[A]>, n: usize) -> Result<(), KernelError> {
     match s {
         Some(s) => check_len(name, s, n),
@@ -314,158 +279,6 @@ fn validate(
     Ok(())
 }
 
-/// Forward. `out` is `[B, T, H, V]`; `final_kv` (`[N, H, K, V]`) and `final_z`
-/// (`[N, 1, H, K]`) receive the states after each sequence, or are empty to skip.
-#[allow(clippy::too_many_arguments)]
-pub fn forward<E: Element>(
-    d: &LinearDims,
-    opts: &LinearOpts,
-    cu_seqlens: Option<&[i64]>,
-    q: &[E],
-    k: &[E],
-    v: &[E],
-    init_kv: Option<&[E::Acc]>,
-    init_z: Option<&[E::Acc]>,
-    out: &mut [E],
-    final_kv: &mut [E::Acc],
-    final_z: &mut [E::Acc],
-) -> Result<(), KernelError> {
-    let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
-    let rows = d.batch * d.seq_len;
-    check_len("q", q, rows * h * kd)?;
-    check_len("k", k, rows * h * kd)?;
-    check_len("v", v, rows * h * vd)?;
-    check_len("out", out, rows * h * vd)?;
-    let seqs = sequences(d.batch, d.seq_len, cu_seqlens)?;
-    let n = seqs.len();
-    validate(d, opts, n, init_kv.is_some(), init_z.is_some())?;
-    check_state("initial_kv", init_kv, n * h * kd * vd)?;
-    check_state("initial_z", init_z, n * h * kd)?;
-    check_opt_out("final_kv", final_kv, n * h * kd * vd)?;
-    check_opt_out("final_z", final_z, n * h * kd)?;
-    let level = simd::active();
-    let (outp, fkv, fz) = (
-        SharedMut(out.as_mut_ptr()),
-        SharedMut(final_kv.as_mut_ptr()),
-        SharedMut(final_z.as_mut_ptr()),
-    );
-    let (want_kv, want_z) = (!final_kv.is_empty(), !final_z.is_empty());
-    let scale = E::Acc::from_f64(opts.scale);
-    let fm = opts.feature_map;
-    let maxlen = seqs.iter().map(|s| s.1).max().unwrap_or(0);
-    let per: PerThread<Scratch<E::Acc>> = PerThread::new();
-    // Causal sequences stream through in segments small enough to stay in cache, the
-    // state carried from one segment to the next; non-causal ones need the whole sequence.
-    let seg = if opts.causal { SEGMENT } else { maxlen.max(1) };
-    let seg_rows = maxlen.min(seg);
-    (0..n * h).into_par_iter().for_each(|task| {
-        let (si, hh) = (task / h, task % h);
-        let (row0, len) = seqs[si];
-        per.with(
-            || Scratch::new(seg_rows * kd, seg_rows * vd),
-            |sc| {
-                let zero = <E::Acc as Acc>::ZERO;
-                // running states: `dk` holds kv (k×v), `dv` holds z (k)
-                let s0 = init_kv.map(|s| &s[task * kd * vd..(task + 1) * kd * vd]);
-                let z0 = init_z.map(|s| &s[task * kd..(task + 1) * kd]);
-                if opts.causal && len == 1 {
-                    // SAFETY: task `task` owns its output row and state slots.
-                    let (o, skv, sz) = unsafe {
-                        (
-                            outp.slice((row0 * h + hh) * vd, vd),
-                            if want_kv {
-                                fkv.slice(task * kd * vd, kd * vd)
-                            } else {
-                                &mut [][..]
-                            },
-                            if want_z {
-                                fz.slice(task * kd, kd)
-                            } else {
-                                &mut [][..]
-                            },
-                        )
-                    };
-                    let off = |w: usize| (row0 * h + hh) * w;
-                    let rows = (
-                        &q[off(kd)..off(kd) + kd],
-                        &k[off(kd)..off(kd) + kd],
-                        &v[off(vd)..off(vd) + vd],
-                    );
-                    decode_step(level, opts, rows, (s0, z0), o, (skv, sz), sc);
-                    return;
-                }
-                sc.dk.clear();
-                sc.dk.resize(kd * vd, zero);
-                sc.dv.clear();
-                sc.dv.resize(kd, zero);
-                if let Some(s0) = s0 {
-                    sc.dk.copy_from_slice(s0);
-                }
-                if let Some(z0) = z0 {
-                    sc.dv.copy_from_slice(z0);
-                }
-                let mut have_state = s0.is_some();
-                let mut have_z = z0.is_some();
-                let mut s_next = take::<E::Acc>(kd * vd);
-                s_next.resize(kd * vd, zero);
-                let mut z_next = take::<E::Acc>(kd);
-                z_next.resize(kd, zero);
-                let mut start = 0;
-                while start < len {
-                    let sl = seg.min(len - start);
-                    gather(q, row0 + start, sl, h, hh, kd, &mut sc.aq, |x| x);
-                    gather(k, row0 + start, sl, h, hh, kd, &mut sc.kf, |x| x);
-                    gather(v, row0 + start, sl, h, hh, vd, &mut sc.v, |x| x);
-                    fm.apply_rows(level, &mut sc.aq, &mut sc.tmp, None);
-                    fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, None);
-                    if scale != <E::Acc as Acc>::ONE {
-                        sc.aq.iter_mut().for_each(|x| *x *= scale);
-                    }
-                    sc.o.clear();
-                    sc.o.resize(sl * vd, zero);
-                    let core = Core {
-                        lq: sl,
-                        lk: sl,
-                        k: kd,
-                        v: vd,
-                        causal: opts.causal,
-                        normalize: opts.normalize,
-                    };
-                    core.forward(
-                        level,
-                        &sc.aq,
-                        &sc.kf,
-                        &sc.v,
-                        if have_state { Some(&sc.dk[..]) } else { None },
-                        if have_z { Some(&sc.dv[..]) } else { None },
-                        &mut sc.o,
-                        &mut s_next,
-                        &mut z_next,
-                        &mut sc.ws,
-                    );
-                    std::mem::swap(&mut *sc.dk, &mut *s_next);
-                    std::mem::swap(&mut *sc.dv, &mut *z_next);
-                    have_state = true;
-                    have_z = true;
-                    // SAFETY: task `task` owns rows (row0.., head hh).
-                    unsafe { scatter::<E>(&sc.o, row0 + start, sl, h, hh, vd, outp) };
-                    start += sl;
-                }
-                // SAFETY: task `task` owns state slot `task`.
-                unsafe {
-                    if want_kv {
-                        fkv.slice(task * kd * vd, kd * vd).copy_from_slice(&sc.dk);
-                    }
-                    if want_z {
-                        fz.slice(task * kd, kd).copy_from_slice(&sc.dv);
-                    }
-                }
-            },
-        );
-    });
-    Ok(())
-}
-
 /// Backward: gradients of [`forward`] given `dout` and, optionally, the gradients of the
 /// final states. `d_init_kv`/`d_init_z` receive the initial states' gradients, or are
 /// empty to skip.
@@ -507,6 +320,10 @@ pub fn backward<E: Element>(
     check_opt_out("d_initial_kv", d_init_kv, n * h * kd * vd)?;
     check_opt_out("d_initial_z", d_init_z, n * h * kd)?;
     let level: Level = simd::active();
+    // fresh gradient tensors fault page by page otherwise (see `crate::pages`)
+    crate::pages::prefer_huge(dq);
+    crate::pages::prefer_huge(dk);
+    crate::pages::prefer_huge(dv);
     let (dqp, dkp, dvp) = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),

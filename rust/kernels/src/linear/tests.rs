@@ -143,76 +143,122 @@ fn forward_matches_naive_every_level() {
     for level in crate::simd::available() {
         crate::simd::force(Some(level)).unwrap();
         for c in cases() {
-            let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
-            let rows = c.d.batch * c.d.seq_len;
-            let n = sequences(c.d.batch, c.d.seq_len, c.cu.as_deref())
-                .unwrap()
-                .len();
-            // Positive feature values keep the normaliser away from zero.
-            let shift = if c.o.normalize { 1.5 } else { 0.0 };
-            let q: Vec<f64> = rand(rows * h * kd, &mut seed)
-                .iter()
-                .map(|x| x + shift)
-                .collect();
-            let k: Vec<f64> = rand(rows * h * kd, &mut seed)
-                .iter()
-                .map(|x| x + shift)
-                .collect();
-            let v = rand(rows * h * vd, &mut seed);
-            let s0 = rand(n * h * kd * vd, &mut seed);
-            let z0: Vec<f64> = rand(n * h * kd, &mut seed)
-                .iter()
-                .map(|x| x.abs())
-                .collect();
-            let (s0, z0) = if c.init {
-                (Some(&s0[..]), Some(&z0[..]))
-            } else {
-                (None, None)
-            };
-            let want = naive(&c.d, &c.o, c.cu.as_deref(), &q, &k, &v, s0, z0);
-            let mut out = vec![0.0; rows * h * vd];
-            let mut fkv = vec![0.0; n * h * kd * vd];
-            let mut fz = vec![0.0; n * h * kd];
-            forward(
-                &c.d,
-                &c.o,
-                c.cu.as_deref(),
-                &q,
-                &k,
-                &v,
-                s0,
-                z0,
-                &mut out,
-                &mut fkv,
-                &mut fz,
-            )
-            .unwrap();
-            close(&out, &want.0, 1e-9, "out");
-            close(&fkv, &want.1, 1e-9, "final_kv");
-            close(&fz, &want.2, 1e-9, "final_z");
-            // f32 path.
-            let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
-            let (s0f, z0f) = (s0.map(f), z0.map(f));
-            let mut out32 = vec![0f32; rows * h * vd];
-            forward(
-                &c.d,
-                &c.o,
-                c.cu.as_deref(),
-                &f(&q),
-                &f(&k),
-                &f(&v),
-                s0f.as_deref(),
-                z0f.as_deref(),
-                &mut out32,
-                &mut [],
-                &mut [],
-            )
-            .unwrap();
-            let out32: Vec<f64> = out32.iter().map(|&x| x as f64).collect();
-            close(&out32, &want.0, 2e-4, "out f32");
+            check_forward(&c, &mut seed);
         }
     }
     crate::simd::force(None).unwrap();
+}
+
+/// Long causal sequences stream through several segments of head groups: lengths that are
+/// no multiple of a chunk, groups of 6, 3, 2 and 1 of the 6 heads (by thread count and
+/// sequence count), packed sequences (one empty, one of a single row), initial states.
+#[test]
+fn long_causal_forward_matches_naive() {
+    let mut seed = 11u64;
+    let mut long = vec![];
+    for &(b, t, ref cu) in &[
+        (2, 2 * SEGMENT + 70, None),
+        (1, 1500, Some(vec![0, 5, 1030, 1030, 1031, 1500])),
+    ] {
+        for (normalize, fm) in [(true, FeatureMap::Elu1), (false, FeatureMap::Identity)] {
+            long.push(Case {
+                d: LinearDims {
+                    batch: b,
+                    seq_len: t,
+                    heads: 6,
+                    head_dim: 17,
+                    v_head_dim: 20,
+                },
+                o: LinearOpts {
+                    scale: 0.3,
+                    causal: true,
+                    normalize,
+                    feature_map: fm,
+                },
+                cu: cu.clone(),
+                init: normalize,
+            });
+        }
+    }
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for c in &long {
+                check_forward(c, &mut seed);
+            }
+        });
+    }
+}
+
+/// One forward case against the naive reference, in f64 and f32 at the active level.
+fn check_forward(c: &Case, seed: &mut u64) {
+    let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
+    let rows = c.d.batch * c.d.seq_len;
+    let n = sequences(c.d.batch, c.d.seq_len, c.cu.as_deref())
+        .unwrap()
+        .len();
+    // Positive feature values keep the normaliser away from zero.
+    let shift = if c.o.normalize { 1.5 } else { 0.0 };
+    let q: Vec<f64> = rand(rows * h * kd, seed)
+        .iter()
+        .map(|x| x + shift)
+        .collect();
+    let k: Vec<f64> = rand(rows * h * kd, seed)
+        .iter()
+        .map(|x| x + shift)
+        .collect();
+    let v = rand(rows * h * vd, seed);
+    let s0 = rand(n * h * kd * vd, seed);
+    let z0: Vec<f64> = rand(n * h * kd, seed).iter().map(|x| x.abs()).collect();
+    let (s0, z0) = if c.init {
+        (Some(&s0[..]), Some(&z0[..]))
+    } else {
+        (None, None)
+    };
+    let want = naive(&c.d, &c.o, c.cu.as_deref(), &q, &k, &v, s0, z0);
+    let mut out = vec![0.0; rows * h * vd];
+    let mut fkv = vec![0.0; n * h * kd * vd];
+    let mut fz = vec![0.0; n * h * kd];
+    forward(
+        &c.d,
+        &c.o,
+        c.cu.as_deref(),
+        &q,
+        &k,
+        &v,
+        s0,
+        z0,
+        &mut out,
+        &mut fkv,
+        &mut fz,
+    )
+    .unwrap();
+    close(&out, &want.0, 1e-9, "out");
+    close(&fkv, &want.1, 1e-9, "final_kv");
+    close(&fz, &want.2, 1e-9, "final_z");
+    // f32 path.
+    let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+    let (s0f, z0f) = (s0.map(f), z0.map(f));
+    let mut out32 = vec![0f32; rows * h * vd];
+    forward(
+        &c.d,
+        &c.o,
+        c.cu.as_deref(),
+        &f(&q),
+        &f(&k),
+        &f(&v),
+        s0f.as_deref(),
+        z0f.as_deref(),
+        &mut out32,
+        &mut [],
+        &mut [],
+    )
+    .unwrap();
+    let out32: Vec<f64> = out32.iter().map(|&x| x as f64).collect();
+    close(&out32, &want.0, 2e-4, "out f32");
 }
 
 /// Backward against central finite differences of a random projection of all outputs.
@@ -360,4 +406,60 @@ fn check_backward(cases: &[Case], stride: usize, seed: u64) {
         }
     }
     crate::simd::force(None).unwrap();
+}
+
+#[test]
+fn head_groups_share_work_evenly() {
+    use super::forward::head_group;
+    // (sequences, heads, threads) -> heads per task
+    for (n, h, t, g) in [
+        (1, 8, 2, 4),
+        (1, 8, 1, 8),
+        (3, 8, 2, 4),
+        (2, 8, 16, 1),
+        (1, 7, 2, 1),
+        (5, 6, 2, 3),
+        (0, 4, 2, 1),
+    ] {
+        assert_eq!(
+            head_group(n, h, t),
+            g,
+            "{n} sequences, {h} heads, {t} threads"
+        );
+    }
+}
+
+/// A forward large enough to stream its output (f32, 64-byte aligned, ≥ 16 MiB) writes the
+/// same values as into an unaligned buffer, which takes the cached path.
+#[test]
+fn streamed_forward_output_matches_cached() {
+    let d = LinearDims {
+        batch: 1,
+        seq_len: 65536 + 70,
+        heads: 4,
+        head_dim: 3,
+        v_head_dim: 16,
+    };
+    let o = LinearOpts {
+        scale: 0.5,
+        causal: true,
+        normalize: true,
+        feature_map: FeatureMap::Elu1,
+    };
+    let n = d.seq_len * d.heads;
+    let mut seed = 5u64;
+    let mk = |w: usize, seed: &mut u64| -> Vec<f32> {
+        rand(n * w, seed).iter().map(|&x| x as f32).collect()
+    };
+    let (q, k, v) = (mk(3, &mut seed), mk(3, &mut seed), mk(16, &mut seed));
+    let mut outs = vec![];
+    for misalign in [1, 0] {
+        let mut buf = vec![f32::NAN; n * 16 + 32];
+        let a = (16 - (buf.as_ptr() as usize % 64) / 4) % 16 + misalign;
+        let out = &mut buf[a..a + n * 16];
+        forward(&d, &o, None, &q, &k, &v, None, None, out, &mut [], &mut []).unwrap();
+        outs.push(out.to_vec());
+    }
+    assert!(outs[0].iter().all(|x| x.is_finite()));
+    assert_eq!(outs[0], outs[1]);
 }
