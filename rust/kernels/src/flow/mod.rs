@@ -504,6 +504,8 @@ pub fn forward<E: Element>(
     check_len("k", k, d.batch * m * h * dk)?;
     check_len("v", v, d.batch * m * h * dv)?;
     check_len("out", out, d.batch * n * h * dv)?;
+    // A fresh output (every call from Python) faults in 4 KiB at a time otherwise.
+    crate::pages::prefer_huge(out);
     let level = simd::active();
     let e = E::Acc::from_f64(eps);
     if !causal && n > 0 && m > 0 {
@@ -590,6 +592,9 @@ pub fn backward<E: Element>(
     check_len("dq", dq, d.batch * n * h * dk)?;
     check_len("dk", dk_out, d.batch * m * h * dk)?;
     check_len("dv", dv_out, d.batch * m * h * dv)?;
+    for g in [&mut *dq, &mut *dk_out, &mut *dv_out] {
+        crate::pages::prefer_huge(g);
+    }
     let level = simd::active();
     let (dqp, dkp, dvp) = (
         SharedMut(dq.as_mut_ptr()),

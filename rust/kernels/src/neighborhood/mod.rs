@@ -544,6 +544,8 @@ pub fn forward<E: Element>(
     if n.lse == 0 {
         return Ok(());
     }
+    // A fresh output (every call from Python) faults in 4 KiB at a time otherwise.
+    crate::pages::prefer_huge(out);
     forward::run(
         crate::simd::active(),
         dims,
@@ -601,6 +603,9 @@ pub fn backward<E: Element>(
             b.fill(zero);
         }
         return Ok(());
+    }
+    for g in [&mut *dq, &mut *dk, &mut *dv] {
+        crate::pages::prefer_huge(g);
     }
     backward::run(
         crate::simd::active(),
