@@ -125,30 +125,17 @@ pub(super) struct Head<'a, E: Element> {
 }
 
 impl<E: Element> Head<'_, E> {
+    /// Rows `row0 .. row0 + n` (of the whole tensor) of this head of `src`, `w` wide.
+    pub(super) fn rows(&self, src: &[E], row0: usize, n: usize, w: usize, dst: &mut Vec<E::Acc>) {
+        gather(src, row0, n, self.heads, self.h, w, dst, |x| x);
+    }
+
     /// `φ` of the segment's rows into `sg`; returns their `Σφ(q)`, `Σφ(k)`.
     pub(super) fn sums(&self, r: Rows, sg: &mut Seg<E::Acc>) -> (Vec<E::Acc>, Vec<E::Acc>) {
-        let (h, hs, d) = (self.h, self.heads, self.d);
-        gather(
-            self.q,
-            self.qrow0 + r.qa,
-            r.qb - r.qa,
-            hs,
-            h,
-            d,
-            &mut sg.qs,
-            |x| x,
-        );
+        let d = self.d;
+        self.rows(self.q, self.qrow0 + r.qa, r.qb - r.qa, d, &mut sg.qs);
         sigmoid_rows(self.level, &mut sg.qs);
-        gather(
-            self.k,
-            self.krow0 + r.ka,
-            r.kb - r.ka,
-            hs,
-            h,
-            d,
-            &mut sg.ks,
-            |x| x,
-        );
+        self.rows(self.k, self.krow0 + r.ka, r.kb - r.ka, d, &mut sg.ks);
         sigmoid_rows(self.level, &mut sg.ks);
         (colsum(self.level, &sg.qs, d), colsum(self.level, &sg.ks, d))
     }
@@ -203,16 +190,7 @@ impl<E: Element> Head<'_, E> {
         let mut s = vec![E::Acc::ZERO; d * vp];
         for j0 in (0..mrows).step_by(CHUNK) {
             let nb = CHUNK.min(mrows - j0);
-            gather(
-                self.v,
-                self.krow0 + r.ka + j0,
-                nb,
-                self.heads,
-                self.h,
-                dv,
-                &mut sg.vb,
-                |x| x,
-            );
+            self.rows(self.v, self.krow0 + r.ka + j0, nb, dv, &mut sg.vb);
             for (row, &e) in sg.vb.chunks_exact_mut(dv).zip(&sg.t[j0..j0 + nb]) {
                 row.iter_mut().for_each(|x| *x *= e);
             }

@@ -20,7 +20,7 @@ use super::{sigmoid, FlowDims};
 use crate::element::{Acc, Element};
 use crate::gemm::round_up_nr;
 use crate::linear::core::{mm, pack_n, pack_t, CHUNK};
-use crate::linear::{gather, SharedMut};
+use crate::linear::SharedMut;
 use crate::simd::math::VecMath;
 use crate::simd::Level;
 
@@ -104,16 +104,7 @@ impl<E: Element> Head<'_, E> {
         let mut ds = vec![E::Acc::ZERO; d * vp];
         for i0 in (0..nrows).step_by(CHUNK) {
             let nb = CHUNK.min(nrows - i0);
-            gather(
-                gr.dout,
-                self.qrow0 + r.qa + i0,
-                nb,
-                self.heads,
-                self.h,
-                dv,
-                &mut b.g,
-                |x| x,
-            );
+            self.rows(gr.dout, self.qrow0 + r.qa + i0, nb, dv, &mut b.g);
             mm(
                 level, nb, dv, &b.g, dv, 1, bst, bstps, d, &mut b.blk, dp, false,
             );
@@ -168,16 +159,7 @@ impl<E: Element> Head<'_, E> {
         let mut s_cdc = E::Acc::ZERO;
         for j0 in (0..mrows).step_by(CHUNK) {
             let nb = CHUNK.min(mrows - j0);
-            gather(
-                self.v,
-                self.krow0 + r.ka + j0,
-                nb,
-                self.heads,
-                self.h,
-                dv,
-                &mut sg.vb,
-                |x| x,
-            );
+            self.rows(self.v, self.krow0 + r.ka + j0, nb, dv, &mut sg.vb);
             mm(
                 level,
                 nb,

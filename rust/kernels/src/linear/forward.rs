@@ -9,12 +9,12 @@
 
 use super::rows::{can_stream, fit, gather_heads, scatter_heads, Block};
 use super::{
-    check_opt_out, check_state, decode_step, sequences, validate, Core, LinearDims, LinearOpts,
-    Scratch, SharedMut, CHUNK, SEGMENT,
+    check_inputs, check_opt_out, decode_step, Core, LinearDims, LinearOpts, Scratch, SharedMut,
+    CHUNK, SEGMENT,
 };
 use crate::buffer_pool::take;
 use crate::element::{Acc, Element};
-use crate::error::{check_len, KernelError};
+use crate::error::KernelError;
 use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
 use crate::simd::{self, Level};
@@ -53,16 +53,8 @@ pub fn forward<E: Element>(
     final_z: &mut [E::Acc],
 ) -> Result<(), KernelError> {
     let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
-    let rows = d.batch * d.seq_len;
-    check_len("q", q, rows * h * kd)?;
-    check_len("k", k, rows * h * kd)?;
-    check_len("v", v, rows * h * vd)?;
-    check_len("out", out, rows * h * vd)?;
-    let seqs = sequences(d.batch, d.seq_len, cu_seqlens)?;
+    let seqs = check_inputs(d, opts, cu_seqlens, q, k, v, "out", out, init_kv, init_z)?;
     let n = seqs.len();
-    validate(d, opts, n, init_kv.is_some(), init_z.is_some())?;
-    check_state("initial_kv", init_kv, n * h * kd * vd)?;
-    check_state("initial_z", init_z, n * h * kd)?;
     check_opt_out("final_kv", final_kv, n * h * kd * vd)?;
     check_opt_out("final_z", final_z, n * h * kd)?;
     if h == 0 {

@@ -260,23 +260,41 @@ impl<A: Acc> Scratch<A> {
     }
 }
 
-fn validate(
+/// The checks both directions share: lengths of q, k, v and of `o` (the output or its
+/// gradient, named `o_name`), the sequences, the options and the initial states. Returns
+/// the sequences.
+#[allow(clippy::too_many_arguments)]
+fn check_inputs<E, A>(
     d: &LinearDims,
-    o: &LinearOpts,
-    nseq: usize,
-    init_kv: bool,
-    init_z: bool,
-) -> Result<(), KernelError> {
-    if !o.causal && (init_kv || init_z) {
+    opts: &LinearOpts,
+    cu_seqlens: Option<&[i64]>,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    o_name: &'static str,
+    o: &[E],
+    init_kv: Option<&[A]>,
+    init_z: Option<&[A]>,
+) -> Result<Vec<(usize, usize)>, KernelError> {
+    let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
+    let rows = d.batch * d.seq_len;
+    check_len("q", q, rows * h * kd)?;
+    check_len("k", k, rows * h * kd)?;
+    check_len("v", v, rows * h * vd)?;
+    check_len(o_name, o, rows * h * vd)?;
+    let seqs = sequences(d.batch, d.seq_len, cu_seqlens)?;
+    if !opts.causal && (init_kv.is_some() || init_z.is_some()) {
         return Err(KernelError::Argument(
             "initial_state is only defined for causal linear attention".into(),
         ));
     }
-    if !o.scale.is_finite() {
+    if !opts.scale.is_finite() {
         return Err(KernelError::Argument("scale must be finite".into()));
     }
-    let _ = (d, nseq);
-    Ok(())
+    let n = seqs.len();
+    check_state("initial_kv", init_kv, n * h * kd * vd)?;
+    check_state("initial_z", init_z, n * h * kd)?;
+    Ok(seqs)
 }
 
 /// Backward: gradients of [`forward`] given `dout` and, optionally, the gradients of the
@@ -303,18 +321,11 @@ pub fn backward<E: Element>(
 ) -> Result<(), KernelError> {
     let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
     let rows = d.batch * d.seq_len;
-    check_len("q", q, rows * h * kd)?;
-    check_len("k", k, rows * h * kd)?;
-    check_len("v", v, rows * h * vd)?;
-    check_len("dout", dout, rows * h * vd)?;
+    let seqs = check_inputs(d, opts, cu_seqlens, q, k, v, "dout", dout, init_kv, init_z)?;
     check_len("dq", dq, rows * h * kd)?;
     check_len("dk", dk, rows * h * kd)?;
     check_len("dv", dv, rows * h * vd)?;
-    let seqs = sequences(d.batch, d.seq_len, cu_seqlens)?;
     let n = seqs.len();
-    validate(d, opts, n, init_kv.is_some(), init_z.is_some())?;
-    check_state("initial_kv", init_kv, n * h * kd * vd)?;
-    check_state("initial_z", init_z, n * h * kd)?;
     check_state("d_final_kv", d_final_kv, n * h * kd * vd)?;
     check_state("d_final_z", d_final_z, n * h * kd)?;
     check_opt_out("d_initial_kv", d_init_kv, n * h * kd * vd)?;

@@ -120,31 +120,20 @@ pub(super) fn run<E: Element>(
     let n = geo.n;
     let group = hq / hkv;
     let qscale = (scale * std::f64::consts::LOG2_E) as f32;
-    // Bands: (group, z0, y0) with `bz × by` rows each.
-    let n0 = [0, 1, 2].map(|i| geo.group_len(i, 0));
-    let bz = n0[0].min(4);
-    let by = n0[1].min((BAND / (n0[2] * bz)).max(1));
+    // Bands: (group, y0) with `by` rows each (2-D: the leading internal dimension has
+    // length 1).
+    let n0 = [1, 2].map(|i| geo.group_len(i, 0));
+    let by = n0[0].min((BAND / n0[1]).max(1));
     let mut bands = Vec::new();
-    for g0 in 0..geo.d[0] {
-        for g1 in 0..geo.d[1] {
-            for g2 in 0..geo.d[2] {
-                let g = [g0, g1, g2];
-                for z0 in (0..geo.group_len(0, g0)).step_by(bz) {
-                    for y0 in (0..geo.group_len(1, g1)).step_by(by) {
-                        bands.push((g, z0, y0));
-                    }
-                }
+    for g1 in 0..geo.d[1] {
+        for g2 in 0..geo.d[2] {
+            for y0 in (0..geo.group_len(1, g1)).step_by(by) {
+                bands.push(([0, g1, g2], y0));
             }
         }
     }
     // Largest band's key lines × padded line length.
-    let kcap = {
-        let span = |dim: usize, b: usize| {
-            let (n, k) = (n0[dim], geo.k[dim]);
-            (b + k).min(n)
-        };
-        span(0, bz) * span(1, by) * (n0[2] + geo.k[2] + 15).next_multiple_of(16)
-    };
+    let kcap = (by + geo.k[1]).min(n0[0]) * (n0[1] + geo.k[2] + 15).next_multiple_of(16);
     let outp = SharedMut(out.as_mut_ptr());
     // SAFETY: `applies` checked that `E::Acc` is f32.
     let lse = unsafe { &mut *(lse as *mut [E::Acc] as *mut [f32]) };
@@ -156,7 +145,7 @@ pub(super) fn run<E: Element>(
         .into_par_iter()
         .with_max_len(1)
         .for_each(|task| {
-            let (g, z0, y0) = bands[task % bands.len()];
+            let (g, y0) = bands[task % bands.len()];
             let bi = task / bands.len();
             let init = || Scratch {
                 qt: Vec::new(),
@@ -170,7 +159,6 @@ pub(super) fn run<E: Element>(
                 let ctx = Band {
                     geo,
                     g,
-                    z: (z0, (z0 + bz).min(geo.group_len(0, g[0]))),
                     y: (y0, (y0 + by).min(geo.group_len(1, g[1]))),
                     b: bi,
                     n,
@@ -204,11 +192,10 @@ pub(super) fn run<E: Element>(
         });
 }
 
-/// One task's rows: group `g`, group rows `z.0..z.1` × `y.0..y.1`, batch entry `b`.
+/// One task's rows: group `g`, group rows `y.0..y.1`, batch entry `b`.
 struct Band<'a> {
     geo: &'a Geo,
     g: [usize; 3],
-    z: (usize, usize),
     y: (usize, usize),
     b: usize,
     n: usize,
@@ -226,13 +213,12 @@ impl Band<'_> {
         group_window(i, self.len(dim), geo.k[dim], geo.s[dim], geo.c[dim])
     }
 
-    /// Transposes line `(z, y)` of `src` into `dst[c·xp + x]` (times `scale`); columns from
+    /// Transposes line `y` of `src` into `dst[c·xp + x]` (times `scale`); columns from
     /// the line's end to `xp` are zero.
     #[allow(clippy::too_many_arguments)]
     fn transpose_line<E: Element>(
         &self,
         src: &Src<'_, E>,
-        z: usize,
         y: usize,
         scale: f32,
         xp: usize,
@@ -244,7 +230,7 @@ impl Band<'_> {
         while x0 < nx {
             let nr = (nx - x0).min(16);
             rows.resize(16 * w, 0.0);
-            let pos = (x0..x0 + nr).map(|x| self.geo.pos(self.g, [z, y, x]));
+            let pos = (x0..x0 + nr).map(|x| self.geo.pos(self.g, [0, y, x]));
             let mut ptrs = [std::ptr::null(); 16];
             src.rows(self.b, self.n, pos, rows, &mut ptrs);
             // SAFETY: `applies` checked AVX-512F; `ptrs[..nr]` are rows of `w` values (in
@@ -277,22 +263,18 @@ impl Band<'_> {
         // Loads reach `start + dx + 15 < nx + k2 + 15` (causal windows near the end).
         let xp = (nx + k2 + 15).next_multiple_of(16);
         // Key rows: the union of the band's windows (windows move monotonically).
-        let kz = (self.win(0, self.z.0).0, self.win(0, self.z.1 - 1).1);
         let ky = (self.win(1, self.y.0).0, self.win(1, self.y.1 - 1).1);
-        let nky = ky.1 - ky.0;
-        let lines = (kz.1 - kz.0) * nky;
+        let lines = ky.1 - ky.0;
         // Transposed keys / values of the band, kept for the q heads sharing a kv head.
         if let Some((ks, vs)) = kv {
             sc.kt.resize(lines * d * xp, 0.0);
             sc.vt.resize(lines * dv * xp, 0.0);
-            for a in kz.0..kz.1 {
-                for bb in ky.0..ky.1 {
-                    let li = (a - kz.0) * nky + bb - ky.0;
-                    let kt = &mut sc.kt[li * d * xp..(li + 1) * d * xp];
-                    self.transpose_line(ks, a, bb, 1.0, xp, &mut sc.rows, kt);
-                    let vt = &mut sc.vt[li * dv * xp..(li + 1) * dv * xp];
-                    self.transpose_line(vs, a, bb, 1.0, xp, &mut sc.rows, vt);
-                }
+            for bb in ky.0..ky.1 {
+                let li = bb - ky.0;
+                let kt = &mut sc.kt[li * d * xp..(li + 1) * d * xp];
+                self.transpose_line(ks, bb, 1.0, xp, &mut sc.rows, kt);
+                let vt = &mut sc.vt[li * dv * xp..(li + 1) * dv * xp];
+                self.transpose_line(vs, bb, 1.0, xp, &mut sc.rows, vt);
             }
         }
         sc.qt.resize(2 * d * xp, 0.0);
@@ -309,91 +291,85 @@ impl Band<'_> {
             .map(|x0| Block::new(self, x0, k2))
             .collect();
         let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
-        for z in self.z.0..self.z.1 {
-            let wz = self.win(0, z);
-            // Two neighbouring lines at a time: most of their key rows are shared, and each
-            // key / value vector loaded then feeds both.
-            let mut y = self.y.0;
-            while y < self.y.1 {
-                let nlines = if y + 1 < self.y.1 { 2 } else { 1 };
-                for j in 0..nlines {
-                    let dst = &mut qt[j * d * xp..(j + 1) * d * xp];
-                    self.transpose_line(qs, z, y + j, qscale, xp, &mut sc.rows, dst);
-                }
-                let wa = self.win(1, y);
-                let wb = if nlines == 2 {
-                    self.win(1, y + 1)
-                } else {
-                    (wa.0, wa.0)
-                };
-                keyrows.clear();
-                let (mut ia, mut ib) = (0, 0);
-                for a in wz.0..wz.1 {
-                    for bb in wa.0.min(wb.0)..wa.1.max(wb.1) {
-                        let (in_a, in_b) = ((wa.0..wa.1).contains(&bb), (wb.0..wb.1).contains(&bb));
-                        if !in_a && !in_b {
-                            continue;
-                        }
-                        let li = (a - kz.0) * nky + bb - ky.0;
-                        keyrows.push(x86::KeyRow {
-                            k: sc.kt.as_ptr().add(li * d * xp),
-                            v: sc.vt.as_ptr().add(li * dv * xp),
-                            a: in_a.then_some(ia),
-                            b: in_b.then_some(ib),
-                        });
-                        ia += in_a as usize;
-                        ib += in_b as usize;
-                    }
-                }
-                let (s_a, s_b) = sc.s.split_at_mut(nkeys * 16);
-                let (o_a, o_b) = sc.o.split_at_mut(osz);
-                for (bi, blk) in blocks.iter().enumerate() {
-                    let x0 = 16 * bi;
-                    let q = [qt.as_ptr().add(x0), qt.as_ptr().add(d * xp + x0)];
-                    let ml = x86::block(
-                        blk,
-                        q,
-                        nlines,
-                        &keyrows,
-                        d,
-                        dv,
-                        xp,
-                        k2,
-                        [&mut *s_a, &mut *s_b],
-                        [&mut *o_a, &mut *o_b],
-                    );
-                    for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
-                        // Rows out: `o[c][lane]` (already divided by l) transposed per lane,
-                        // straight into the output for f32, else converted from `rows`.
-                        let row = |lane: usize| {
-                            let pos = geo.pos(self.g, [z, y + j, x0 + lane]);
-                            (self.b * self.n + pos) * hq + h
-                        };
-                        sc.rows.resize(16 * dv, 0.0);
-                        let mut dst = [std::ptr::null_mut::<f32>(); 16];
-                        for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
-                            *p = if f32_out {
-                                outp.get().add(row(lane) * dv) as *mut f32
-                            } else {
-                                sc.rows.as_mut_ptr().add(lane * dv)
-                            };
-                        }
-                        x86::untranspose(if j == 0 { o_a } else { o_b }, dv, &dst, blk.nl);
-                        for lane in 0..blk.nl {
-                            let r = row(lane);
-                            if !f32_out {
-                                let dst =
-                                    std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
-                                let src = &sc.rows[lane * dv..(lane + 1) * dv];
-                                // SAFETY: `E::Acc` is f32.
-                                E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
-                            }
-                            *lsep.get().add(r) = m[lane] * ln2 + l[lane].ln();
-                        }
-                    }
-                }
-                y += nlines;
+        // Two neighbouring lines at a time: most of their key rows are shared, and each
+        // key / value vector loaded then feeds both.
+        let mut y = self.y.0;
+        while y < self.y.1 {
+            let nlines = if y + 1 < self.y.1 { 2 } else { 1 };
+            for j in 0..nlines {
+                let dst = &mut qt[j * d * xp..(j + 1) * d * xp];
+                self.transpose_line(qs, y + j, qscale, xp, &mut sc.rows, dst);
             }
+            let wa = self.win(1, y);
+            let wb = if nlines == 2 {
+                self.win(1, y + 1)
+            } else {
+                (wa.0, wa.0)
+            };
+            keyrows.clear();
+            let (mut ia, mut ib) = (0, 0);
+            for bb in wa.0.min(wb.0)..wa.1.max(wb.1) {
+                let (in_a, in_b) = ((wa.0..wa.1).contains(&bb), (wb.0..wb.1).contains(&bb));
+                if !in_a && !in_b {
+                    continue;
+                }
+                let li = bb - ky.0;
+                keyrows.push(x86::KeyRow {
+                    k: sc.kt.as_ptr().add(li * d * xp),
+                    v: sc.vt.as_ptr().add(li * dv * xp),
+                    a: in_a.then_some(ia),
+                    b: in_b.then_some(ib),
+                });
+                ia += in_a as usize;
+                ib += in_b as usize;
+            }
+            let (s_a, s_b) = sc.s.split_at_mut(nkeys * 16);
+            let (o_a, o_b) = sc.o.split_at_mut(osz);
+            for (bi, blk) in blocks.iter().enumerate() {
+                let x0 = 16 * bi;
+                let q = [qt.as_ptr().add(x0), qt.as_ptr().add(d * xp + x0)];
+                let ml = x86::block(
+                    blk,
+                    q,
+                    nlines,
+                    &keyrows,
+                    d,
+                    dv,
+                    xp,
+                    k2,
+                    [&mut *s_a, &mut *s_b],
+                    [&mut *o_a, &mut *o_b],
+                );
+                for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
+                    // Rows out: `o[c][lane]` (already divided by l) transposed per lane,
+                    // straight into the output for f32, else converted from `rows`.
+                    let row = |lane: usize| {
+                        let pos = geo.pos(self.g, [0, y + j, x0 + lane]);
+                        (self.b * self.n + pos) * hq + h
+                    };
+                    sc.rows.resize(16 * dv, 0.0);
+                    let mut dst = [std::ptr::null_mut::<f32>(); 16];
+                    for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
+                        *p = if f32_out {
+                            outp.get().add(row(lane) * dv) as *mut f32
+                        } else {
+                            sc.rows.as_mut_ptr().add(lane * dv)
+                        };
+                    }
+                    x86::untranspose(if j == 0 { o_a } else { o_b }, dv, &dst, blk.nl);
+                    for lane in 0..blk.nl {
+                        let r = row(lane);
+                        if !f32_out {
+                            let dst = std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
+                            let src = &sc.rows[lane * dv..(lane + 1) * dv];
+                            // SAFETY: `E::Acc` is f32.
+                            E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
+                        }
+                        *lsep.get().add(r) = m[lane] * ln2 + l[lane].ln();
+                    }
+                }
+            }
+            y += nlines;
         }
         sc.qt = qt;
     }
