@@ -1,6 +1,7 @@
 //! fp32 Flow-Attention timings (B=1, H=8, D=64), forward and backward, causal and not.
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release -p fastattn-kernels --example bench_flow [T...]`
+//! `BENCH_CAUSAL=0|1` keeps one form, `BENCH_FWD_ONLY=1` skips the backward.
 //! Prints the best of several runs. GFLOP/s counts the 4·T·D·Dv of the two state GEMMs
 //! (backward: 2.5× that).
 
@@ -30,8 +31,14 @@ fn main() {
     };
     let (b, h, d) = (1, 8, 64);
     println!("threads={}", rayon::current_num_threads());
+    let fwd_only = std::env::var_os("BENCH_FWD_ONLY").is_some();
+    let causals: Vec<bool> = match std::env::var("BENCH_CAUSAL").as_deref() {
+        Ok("0") => vec![false],
+        Ok("1") => vec![true],
+        _ => vec![false, true],
+    };
     for &t in &ts {
-        for causal in [false, true] {
+        for &causal in &causals {
             let dims = FlowDims {
                 batch: b,
                 q_len: t,
@@ -49,6 +56,14 @@ fn main() {
             let fwd = best_ms(5, || {
                 forward(&dims, causal, 1e-6, &x, &x, &x, &mut out).unwrap()
             });
+            if fwd_only {
+                let gf = 4.0 * (b * h * t * d * d) as f64 / 1e9;
+                println!(
+                    "T={t:<6} causal={causal:<5} fwd {fwd:8.2} ms {:6.1} GFLOP/s",
+                    gf / fwd * 1e3
+                );
+                continue;
+            }
             let bwd = best_ms(3, || {
                 backward(
                     &dims, causal, 1e-6, &x, &x, &x, &x, &mut dq, &mut dk, &mut dv,

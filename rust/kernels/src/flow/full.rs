@@ -17,7 +17,7 @@ use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::round_up_nr;
 use crate::linear::core::{mm, pack_n, CHUNK};
-use crate::linear::{gather, SharedMut};
+use crate::linear::{fit, gather, gather_into, SharedMut};
 use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
 use crate::simd::Level;
@@ -27,6 +27,9 @@ use std::sync::Mutex;
 
 /// Fewest rows per thread worth splitting a head's sequence for.
 const MIN_SPLIT_ROWS: usize = 512;
+
+/// Rows per fused block: 64 rows of D=64 are 16 KiB, half of L1.
+const BLOCK: usize = 64;
 
 /// One thread's buffers, reused across heads.
 pub(super) struct Seg<A: Acc> {
@@ -80,14 +83,6 @@ fn split(len: usize, parts: usize, i: usize) -> (usize, usize) {
     (len * i / parts, len * (i + 1) / parts)
 }
 
-/// `Σ_rows x[r]` of a `rows × d` block into a new vector.
-pub(super) fn colsum<A: Acc>(level: Level, x: &[A], d: usize) -> Vec<A> {
-    let mut s = vec![A::ZERO; d];
-    let ones = vec![A::ONE; x.len() / d.max(1)];
-    A::axpy_rows(level, &mut s, &ones, x, d);
-    s
-}
-
 /// Sums of per-segment vectors, in segment order (deterministic for a thread count).
 pub(super) fn add_all<A: Acc>(parts: impl IntoIterator<Item = Vec<A>>) -> Vec<A> {
     let mut it = parts.into_iter();
@@ -127,17 +122,30 @@ pub(super) struct Head<'a, E: Element> {
 impl<E: Element> Head<'_, E> {
     /// Rows `row0 .. row0 + n` (of the whole tensor) of this head of `src`, `w` wide.
     pub(super) fn rows(&self, src: &[E], row0: usize, n: usize, w: usize, dst: &mut Vec<E::Acc>) {
-        gather(src, row0, n, self.heads, self.h, w, dst, |x| x);
+        gather(src, row0, n, self.heads, self.h, w, dst);
     }
 
     /// `φ` of the segment's rows into `sg`; returns their `Σφ(q)`, `Σφ(k)`.
     pub(super) fn sums(&self, r: Rows, sg: &mut Seg<E::Acc>) -> (Vec<E::Acc>, Vec<E::Acc>) {
-        let d = self.d;
-        self.rows(self.q, self.qrow0 + r.qa, r.qb - r.qa, d, &mut sg.qs);
-        sigmoid_rows(self.level, &mut sg.qs);
-        self.rows(self.k, self.krow0 + r.ka, r.kb - r.ka, d, &mut sg.ks);
-        sigmoid_rows(self.level, &mut sg.ks);
-        (colsum(self.level, &sg.qs, d), colsum(self.level, &sg.ks, d))
+        let sq = self.phi(self.q, self.qrow0 + r.qa, r.qb - r.qa, &mut sg.qs);
+        let sk = self.phi(self.k, self.krow0 + r.ka, r.kb - r.ka, &mut sg.ks);
+        (sq, sk)
+    }
+
+    /// `φ` of `n` rows from `row0` of `src` into `dst`, returning their column sums. A
+    /// block is gathered, mapped and summed while it is in L1 (three whole-segment passes
+    /// were ~20% of the forward).
+    fn phi(&self, src: &[E], row0: usize, n: usize, dst: &mut Vec<E::Acc>) -> Vec<E::Acc> {
+        let (level, d) = (self.level, self.d);
+        fit(dst, n * d);
+        let mut s = vec![E::Acc::ZERO; d];
+        let ones = [E::Acc::ONE; BLOCK];
+        for (b, blk) in dst.chunks_mut(BLOCK * d.max(1)).enumerate() {
+            gather_into(src, row0 + b * BLOCK, self.heads, self.h, d, blk);
+            sigmoid_rows(level, blk);
+            E::Acc::axpy_rows(level, &mut s, &ones[..blk.len() / d], blk, d);
+        }
+        s
     }
 
     /// Flows `I_i = 1 / φ(q_i)·ΣΦ(k)`, `O_j = 1 / φ(k_j)·Σφ(q)` (eps-shifted); keeps `I`,
@@ -148,23 +156,30 @@ impl<E: Element> Head<'_, E> {
         (nk, snk): (&[E::Acc], E::Acc),
         (nq, snq): (&[E::Acc], E::Acc),
     ) -> (Vec<E::Acc>, Vec<E::Acc>) {
+        let wq = self.weigh(&sg.qs, (nk, snk), &mut sg.inv);
+        let wk = self.weigh(&sg.ks, (nq, snq), &mut sg.t);
+        (wq, wk)
+    }
+
+    /// `f_r = 1 / (x_r·n + eps·sn)` for every row of `x` into `f`, and `Σ f_r x_r`, a block
+    /// at a time so the second read hits L1.
+    fn weigh(
+        &self,
+        x: &[E::Acc],
+        (n, sn): (&[E::Acc], E::Acc),
+        f: &mut Vec<E::Acc>,
+    ) -> Vec<E::Acc> {
         let (level, d, eps) = (self.level, self.d, self.eps);
         let one = E::Acc::ONE;
-        let nrows = sg.qs.len() / d;
-        sg.inv.clear();
-        sg.inv.resize(nrows, E::Acc::ZERO);
-        E::Acc::dot_rows(level, &sg.qs, d, nk, &mut sg.inv);
-        sg.inv.iter_mut().for_each(|x| *x = one / (*x + eps * snk));
-        let mut wq = vec![E::Acc::ZERO; d];
-        E::Acc::axpy_rows(level, &mut wq, &sg.inv, &sg.qs, d);
-        let mrows = sg.ks.len() / d;
-        sg.t.clear();
-        sg.t.resize(mrows, E::Acc::ZERO);
-        E::Acc::dot_rows(level, &sg.ks, d, nq, &mut sg.t);
-        sg.t.iter_mut().for_each(|x| *x = one / (*x + eps * snq));
-        let mut wk = vec![E::Acc::ZERO; d];
-        E::Acc::axpy_rows(level, &mut wk, &sg.t, &sg.ks, d);
-        (wq, wk)
+        let rows = x.len() / d.max(1);
+        fit(f, rows);
+        let mut w = vec![E::Acc::ZERO; d];
+        for (blk, fb) in x.chunks(BLOCK * d.max(1)).zip(f.chunks_mut(BLOCK)) {
+            E::Acc::dot_rows(level, blk, d, n, fb);
+            fb.iter_mut().for_each(|v| *v = one / (*v + eps * sn));
+            E::Acc::axpy_rows(level, &mut w, fb, blk, d);
+        }
+        w
     }
 
     /// Competition logits → `e_j = exp(clamp(·) − 1)`; returns this segment's part of

@@ -532,11 +532,11 @@ pub fn forward<E: Element>(
                 let mut next = vec![E::Acc::ZERO; dk * dv];
                 for start in (0..n).step_by(SEGMENT) {
                     let sl = SEGMENT.min(n - start);
-                    gather(q, b * n + start, sl, h, hh, dk, &mut sc.qs, |x| x);
+                    gather(q, b * n + start, sl, h, hh, dk, &mut sc.qs);
                     sigmoid_rows(level, &mut sc.qs);
-                    gather(k, b * n + start, sl, h, hh, dk, &mut sc.ks, |x| x);
+                    gather(k, b * n + start, sl, h, hh, dk, &mut sc.ks);
                     sigmoid_rows(level, &mut sc.ks);
-                    gather(v, b * n + start, sl, h, hh, dv, &mut sc.v, |x| x);
+                    gather(v, b * n + start, sl, h, hh, dv, &mut sc.v);
                     sc.prep_causal(level, &mut run, sl, dk, dv, e, false);
                     zeros(&mut sc.out, sl * dv);
                     let core = Core {
@@ -612,12 +612,12 @@ pub fn backward<E: Element>(
         per.with(
             || Scratch::new(n.max(m), dk, dv),
             |sc| {
-                gather(q, b * n, n, h, hh, dk, &mut sc.qs, |x| x);
+                gather(q, b * n, n, h, hh, dk, &mut sc.qs);
                 sigmoid_rows(level, &mut sc.qs);
-                gather(k, b * m, m, h, hh, dk, &mut sc.ks, |x| x);
+                gather(k, b * m, m, h, hh, dk, &mut sc.ks);
                 sigmoid_rows(level, &mut sc.ks);
-                gather(v, b * m, m, h, hh, dv, &mut sc.v, |x| x);
-                gather(dout, b * n, n, h, hh, dv, &mut sc.g, |x| x);
+                gather(v, b * m, m, h, hh, dv, &mut sc.v);
+                gather(dout, b * n, n, h, hh, dv, &mut sc.g);
                 if causal {
                     sc.prep_causal(level, &mut CausalRun::new(dk, e), n, dk, dv, e, true);
                 } else {

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 pub use self::core::{Core, Ws, CHUNK};
 pub use self::forward::forward;
-pub(crate) use self::rows::{gather, scatter};
+pub(crate) use self::rows::{fit, gather, gather_into, scatter};
 
 /// Rows per streamed segment of the causal backward and flow forward (a multiple of
 /// [`CHUNK`]); the causal forward streams `SEGMENT / g` rows of each of its `g` heads at a
@@ -393,13 +393,13 @@ pub fn backward<E: Element>(
                     }
                     return;
                 }
-                gather(q, row0, len, h, hh, kd, &mut sc.aq, |x| x);
-                gather(k, row0, len, h, hh, kd, &mut sc.kf, |x| x);
-                gather(v, row0, len, h, hh, vd, &mut sc.v, |x| x);
+                gather(q, row0, len, h, hh, kd, &mut sc.aq);
+                gather(k, row0, len, h, hh, kd, &mut sc.kf);
+                gather(v, row0, len, h, hh, vd, &mut sc.v);
                 fm.apply_rows(level, &mut sc.aq, &mut sc.tmp, Some(&mut sc.qd));
                 fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, Some(&mut sc.kd));
                 sc.aq.iter_mut().for_each(|x| *x *= scale);
-                gather(dout, row0, len, h, hh, vd, &mut sc.g, |x| x);
+                gather(dout, row0, len, h, hh, vd, &mut sc.g);
                 let zero = <E::Acc as Acc>::ZERO;
                 sc.o.clear();
                 sc.o.resize(len * kd, zero);
@@ -571,9 +571,9 @@ fn backward_segmented<E: Element>(
     let mut packed = Vec::new();
     for si in 0..nseg - 1 {
         let (start, sl) = (si * SEGMENT, SEGMENT);
-        gather(io.k, io.row0 + start, sl, heads, h, kd, &mut sc.kf, |x| x);
+        gather(io.k, io.row0 + start, sl, heads, h, kd, &mut sc.kf);
         fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, None);
-        gather(io.v, io.row0 + start, sl, heads, h, vd, &mut sc.v, |x| x);
+        gather(io.v, io.row0 + start, sl, heads, h, vd, &mut sc.v);
         let (done, next) = ck_s.split_at_mut((si + 1) * kd * vp);
         let next = &mut next[..kd * vp];
         next.copy_from_slice(&done[si * kd * vp..]);
@@ -595,13 +595,13 @@ fn backward_segmented<E: Element>(
         let start = si * SEGMENT;
         let sl = SEGMENT.min(len - start);
         let rows = io.row0 + start;
-        gather(io.q, rows, sl, heads, h, kd, &mut sc.aq, |x| x);
-        gather(io.k, rows, sl, heads, h, kd, &mut sc.kf, |x| x);
-        gather(io.v, rows, sl, heads, h, vd, &mut sc.v, |x| x);
+        gather(io.q, rows, sl, heads, h, kd, &mut sc.aq);
+        gather(io.k, rows, sl, heads, h, kd, &mut sc.kf);
+        gather(io.v, rows, sl, heads, h, vd, &mut sc.v);
         fm.apply_rows(level, &mut sc.aq, &mut sc.tmp, Some(&mut sc.qd));
         fm.apply_rows(level, &mut sc.kf, &mut sc.tmp, Some(&mut sc.kd));
         sc.aq.iter_mut().for_each(|x| *x *= scale);
-        gather(io.dout, rows, sl, heads, h, vd, &mut sc.g, |x| x);
+        gather(io.dout, rows, sl, heads, h, vd, &mut sc.g);
         for (buf, n) in [
             (&mut sc.o, sl * kd),
             (&mut sc.dk, sl * kd),

@@ -32,8 +32,7 @@ fn prefetch<T>(s: &[T]) {
 }
 
 /// Gathers rows `row0..row0+len` of head `h` from a `[rows, heads, width]` tensor as
-/// contiguous accumulation-type rows, mapping every value through `f`.
-#[allow(clippy::too_many_arguments)]
+/// contiguous accumulation-type rows.
 pub(crate) fn gather<E: Element>(
     src: &[E],
     row0: usize,
@@ -42,15 +41,31 @@ pub(crate) fn gather<E: Element>(
     h: usize,
     width: usize,
     dst: &mut Vec<E::Acc>,
-    f: impl Fn(E::Acc) -> E::Acc,
 ) {
-    dst.clear();
-    dst.resize(len * width, <E::Acc as Acc>::ZERO);
-    for t in 0..len {
-        let off = ((row0 + t) * heads + h) * width;
-        let d = &mut dst[t * width..(t + 1) * width];
-        E::to_acc_slice(&src[off..off + width], d);
-        d.iter_mut().for_each(|x| *x = f(*x));
+    fit(dst, len * width);
+    gather_into(src, row0, heads, h, width, dst);
+}
+
+/// [`gather`] into a slice of whole rows, prefetching a few rows ahead: one head's rows
+/// are `heads·width` apart, a stride the hardware prefetcher does not follow.
+pub(crate) fn gather_into<E: Element>(
+    src: &[E],
+    row0: usize,
+    heads: usize,
+    h: usize,
+    width: usize,
+    dst: &mut [E::Acc],
+) {
+    if width == 0 {
+        return;
+    }
+    let len = dst.len() / width;
+    let off = |t: usize| ((row0 + t) * heads + h) * width;
+    for (t, d) in dst.chunks_exact_mut(width).enumerate() {
+        if t + AHEAD < len {
+            prefetch(&src[off(t + AHEAD)..][..width]);
+        }
+        E::to_acc_slice(&src[off(t)..][..width], d);
     }
 }
 
@@ -93,12 +108,13 @@ impl Block {
     }
 }
 
-/// Makes `v` `n` long. Its contents are left as they are when it already is: every caller
+/// Makes `v` `n` long, keeping what it held (only growth is zeroed): every caller
 /// overwrites all of it, and zeroing first cost ~5% of a causal forward.
 pub(crate) fn fit<A: Acc>(v: &mut Vec<A>, n: usize) {
-    if v.len() != n {
-        v.clear();
+    if v.len() < n {
         v.resize(n, A::ZERO);
+    } else {
+        v.truncate(n);
     }
 }
 
