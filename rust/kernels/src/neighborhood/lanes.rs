@@ -28,6 +28,11 @@ const MAX_KEYS: usize = 128;
 /// key boxes, and cost this path an unaligned load per key (a 1-D k = 63 forward measured
 /// 2.7× slower here).
 const MAX_LINE_KERNEL: usize = 16;
+/// Neighbouring lines computed together: their windows share most key rows, and each key
+/// / value vector loaded feeds every line whose window holds it. With one or two lines a
+/// pass issues about as many (mostly cache-line-splitting) loads as FMAs; four measured
+/// 5–10% faster than two on k = 7 and k = 11 forwards.
+const LINES: usize = 4;
 /// Shortest line taken here: shorter lines leave most lanes idle.
 const MIN_LINE: usize = 12;
 /// Most query positions per task: a band of lines whose key lines are transposed together
@@ -298,12 +303,12 @@ impl Band<'_> {
                 self.transpose_line(vs, bb, 1.0, xp, &mut sc.rows, vt);
             }
         }
-        sc.qt.resize(2 * d * xp, 0.0);
+        sc.qt.resize(LINES * d * xp, 0.0);
         let nkeys = geo.k.iter().product::<usize>();
-        sc.s.resize(2 * nkeys * 16, 0.0);
+        sc.s.resize(LINES * nkeys * 16, 0.0);
         let osz = dv.next_multiple_of(16) * 16;
-        sc.o.resize(2 * osz, 0.0);
-        let mut keyrows: Vec<x86::KeyRow> = Vec::with_capacity(2 * nkeys);
+        sc.o.resize(LINES * osz, 0.0);
+        let mut keyrows: Vec<x86::KeyRow> = Vec::with_capacity(LINES * nkeys);
         let mut qt = std::mem::take(&mut sc.qt);
         let ln2 = std::f32::consts::LN_2;
         // Every line of the group has the same blocks.
@@ -312,43 +317,40 @@ impl Band<'_> {
             .map(|x0| Block::new(self, x0, k2))
             .collect();
         let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
-        // Two neighbouring lines at a time: most of their key rows are shared, and each
-        // key / value vector loaded then feeds both.
         let mut y = self.y.0;
         while y < self.y.1 {
-            let nlines = if y + 1 < self.y.1 { 2 } else { 1 };
+            let nlines = LINES.min(self.y.1 - y);
             for j in 0..nlines {
                 let dst = &mut qt[j * d * xp..(j + 1) * d * xp];
                 self.transpose_line(qs, y + j, qscale, xp, &mut sc.rows, dst);
             }
-            let wa = self.win(1, y);
-            let wb = if nlines == 2 {
-                self.win(1, y + 1)
-            } else {
-                (wa.0, wa.0)
-            };
+            let wins: [(usize, usize); LINES] =
+                std::array::from_fn(|j| self.win(1, y + j.min(nlines - 1)));
             keyrows.clear();
-            let (mut ia, mut ib) = (0, 0);
-            for bb in wa.0.min(wb.0)..wa.1.max(wb.1) {
-                let (in_a, in_b) = ((wa.0..wa.1).contains(&bb), (wb.0..wb.1).contains(&bb));
-                if !in_a && !in_b {
+            let mut next = [0usize; LINES];
+            for bb in wins[0].0..wins[nlines - 1].1 {
+                let mut inside = (0..nlines).filter(|&j| (wins[j].0..wins[j].1).contains(&bb));
+                let Some(j0) = inside.next() else {
                     continue;
-                }
+                };
+                let n = 1 + inside.count();
                 let li = bb - ky.0;
                 keyrows.push(x86::KeyRow {
                     k: sc.kt.as_ptr().add(li * d * xp),
                     v: sc.vt.as_ptr().add(li * dv * xp),
-                    a: in_a.then_some(ia),
-                    b: in_b.then_some(ib),
+                    j0,
+                    n,
+                    at: std::array::from_fn(|i| next[(j0 + i).min(LINES - 1)]),
                 });
-                ia += in_a as usize;
-                ib += in_b as usize;
+                for c in &mut next[j0..j0 + n] {
+                    *c += 1;
+                }
             }
-            let (s_a, s_b) = sc.s.split_at_mut(nkeys * 16);
-            let (o_a, o_b) = sc.o.split_at_mut(osz);
             for (bi, blk) in blocks.iter().enumerate() {
                 let x0 = 16 * bi;
-                let q = [qt.as_ptr().add(x0), qt.as_ptr().add(d * xp + x0)];
+                let q = std::array::from_fn(|j| qt.as_ptr().add(j * d * xp + x0));
+                let mut s_it = sc.s.chunks_exact_mut(nkeys * 16);
+                let mut o_it = sc.o.chunks_exact_mut(osz);
                 let ml = x86::block(
                     blk,
                     q,
@@ -358,8 +360,8 @@ impl Band<'_> {
                     dv,
                     xp,
                     k2,
-                    [&mut *s_a, &mut *s_b],
-                    [&mut *o_a, &mut *o_b],
+                    std::array::from_fn(|_| s_it.next().unwrap()),
+                    std::array::from_fn(|_| o_it.next().unwrap()),
                 );
                 for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
                     // Rows out: `o[c][lane]` (already divided by l) transposed per lane,
@@ -377,7 +379,7 @@ impl Band<'_> {
                             sc.rows.as_mut_ptr().add(lane * dv)
                         };
                     }
-                    x86::untranspose(if j == 0 { o_a } else { o_b }, dv, &dst, blk.nl);
+                    x86::untranspose(&sc.o[j * osz..(j + 1) * osz], dv, &dst, blk.nl);
                     for lane in 0..blk.nl {
                         let r = row(lane);
                         if !f32_out {
@@ -441,7 +443,7 @@ impl Block {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Block;
+    use super::{Block, LINES};
     use crate::neighborhood::pack::transpose16;
     use crate::simd::math::x86_avx512::exp2v_masked;
     use std::arch::x86_64::*;
@@ -504,13 +506,15 @@ mod x86 {
         }
     }
 
-    /// A key row (one transposed key line and its value line) of the window of line A,
-    /// line B or both: its index among that line's window rows.
+    /// A key row (one transposed key line and its value line) and the lines whose windows
+    /// hold it: `n` consecutive lines from `j0` (windows move monotonically, so they are
+    /// consecutive), for which it is window row `at[i]` of line `j0 + i`.
     pub(super) struct KeyRow {
         pub k: *const f32,
         pub v: *const f32,
-        pub a: Option<usize>,
-        pub b: Option<usize>,
+        pub j0: usize,
+        pub n: usize,
+        pub at: [usize; LINES],
     }
 
     #[inline(always)]
@@ -523,180 +527,206 @@ mod x86 {
         }
     }
 
-    /// Scores of `W` consecutive window columns of one key row for line A (and B when
-    /// `TWO`): `s[c·16 + l] = Σ_i q[i·xp + l] · k[i·xp + idx[l] + c]`.
-    // Both lines' accumulators are indexed by column.
+    /// Scores of `W` consecutive window columns of one key row for `N` lines:
+    /// `s_j[c·16 + l] = Σ_i q_j[i·xp + l] · k[i·xp + idx[l] + c]`. Each key vector loaded
+    /// feeds all `N` lines.
+    // The lines' accumulators are indexed by column.
     #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores<const W: usize, const PERM: bool, const TWO: bool>(
-        q: [*const f32; 2],
+    unsafe fn scores<const W: usize, const PERM: bool, const N: usize>(
+        q: [*const f32; LINES],
         k: *const f32,
         d: usize,
         xp: usize,
         idx: __m512i,
-        s: [*mut f32; 2],
+        s: [*mut f32; LINES],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); W]; 2];
+        let mut acc = [[_mm512_setzero_ps(); W]; N];
         for i in 0..d {
-            let qa = _mm512_loadu_ps(q[0].add(i * xp));
-            let qb = if TWO {
-                _mm512_loadu_ps(q[1].add(i * xp))
-            } else {
-                qa
-            };
+            let qv: [__m512; N] = std::array::from_fn(|j| _mm512_loadu_ps(q[j].add(i * xp)));
             let kr = k.add(i * xp);
             for c in 0..W {
                 let kv = key::<PERM>(kr.add(c), idx);
-                acc[0][c] = _mm512_fmadd_ps(qa, kv, acc[0][c]);
-                if TWO {
-                    acc[1][c] = _mm512_fmadd_ps(qb, kv, acc[1][c]);
+                for j in 0..N {
+                    acc[j][c] = _mm512_fmadd_ps(qv[j], kv, acc[j][c]);
                 }
             }
         }
-        for (j, aj) in acc.iter().enumerate().take(1 + TWO as usize) {
+        for (j, aj) in acc.iter().enumerate() {
             for (c, &a) in aj.iter().enumerate() {
                 _mm512_storeu_ps(s[j].add(c * 16), a);
             }
         }
     }
 
-    /// `o_j[c·16 + l] = Σ_rows Σ_dx p_j[(row_j·k2 + dx)·16 + l] · v_row[off + c·xp + idx[l] + dx]`
-    /// for `C` value columns, line A (and B when `TWO`).
-    // Both lines' accumulators are indexed by column.
-    #[allow(clippy::needless_range_loop)]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn pv<const C: usize, const PERM: bool, const TWO: bool>(
-        rows: &[KeyRow],
-        p: [*const f32; 2],
+    /// One key row's part of `o_j[c·16 + l] += Σ_dx p_j[(at_j·k2 + dx)·16 + l] ·
+    /// v[off + c·xp + idx[l] + dx]` for its `N` lines from `J0`, `C` value columns.
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn pv_row<
+        const C: usize,
+        const PERM: bool,
+        const L: usize,
+        const J0: usize,
+        const N: usize,
+    >(
+        acc: &mut [[__m512; C]; L],
+        row: &KeyRow,
+        p: [*const f32; LINES],
         off: usize,
         k2: usize,
         xp: usize,
         idx: __m512i,
-        o: [*mut f32; 2],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); C]; 2];
-        for row in rows {
-            let vr = row.v.add(off);
-            match (row.a, row.b) {
-                (Some(ia), Some(ib)) if TWO => {
-                    for dx in 0..k2 {
-                        let pa = _mm512_loadu_ps(p[0].add((ia * k2 + dx) * 16));
-                        let pb = _mm512_loadu_ps(p[1].add((ib * k2 + dx) * 16));
-                        for c in 0..C {
-                            let x = key::<PERM>(vr.add(c * xp + dx), idx);
-                            acc[0][c] = _mm512_fmadd_ps(pa, x, acc[0][c]);
-                            acc[1][c] = _mm512_fmadd_ps(pb, x, acc[1][c]);
-                        }
-                    }
-                }
-                (ia, ib) => {
-                    let (j, i) = match (ia, ib) {
-                        (Some(i), _) => (0, i),
-                        (None, Some(i)) if TWO => (1, i),
-                        _ => continue,
-                    };
-                    for dx in 0..k2 {
-                        let pj = _mm512_loadu_ps(p[j].add((i * k2 + dx) * 16));
-                        for c in 0..C {
-                            let x = key::<PERM>(vr.add(c * xp + dx), idx);
-                            acc[j][c] = _mm512_fmadd_ps(pj, x, acc[j][c]);
-                        }
-                    }
+        let vr = row.v.add(off);
+        let pr: [*const f32; N] = std::array::from_fn(|i| p[J0 + i].add(row.at[i] * k2 * 16));
+        for dx in 0..k2 {
+            let pv: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(pr[i].add(dx * 16)));
+            for c in 0..C {
+                let x = key::<PERM>(vr.add(c * xp + dx), idx);
+                for i in 0..N {
+                    acc[J0 + i][c] = _mm512_fmadd_ps(pv[i], x, acc[J0 + i][c]);
                 }
             }
         }
-        for (j, aj) in acc.iter().enumerate().take(1 + TWO as usize) {
+    }
+
+    /// `o_j = Σ_rows` [`pv_row`] for the `L` lines of a block, `C` value columns.
+    // `$j0 + $n <= L` reads as the lines' range, also where `$j0` is 0.
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments, clippy::int_plus_one)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pv<const C: usize, const PERM: bool, const L: usize>(
+        rows: &[KeyRow],
+        p: [*const f32; LINES],
+        off: usize,
+        k2: usize,
+        xp: usize,
+        idx: __m512i,
+        o: [*mut f32; LINES],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; L];
+        for row in rows {
+            macro_rules! go {
+                ($(($j0:literal, $n:literal)),*) => {
+                    match (row.j0, row.n) {
+                        $(($j0, $n) if $j0 + $n <= L => {
+                            pv_row::<C, PERM, L, $j0, $n>(&mut acc, row, p, off, k2, xp, idx)
+                        })*
+                        _ => unreachable!("lines {}+{} of {}", row.j0, row.n, L),
+                    }
+                };
+            }
+            go!(
+                (0, 1),
+                (0, 2),
+                (0, 3),
+                (0, 4),
+                (1, 1),
+                (1, 2),
+                (1, 3),
+                (2, 1),
+                (2, 2),
+                (3, 1)
+            );
+        }
+        for (j, aj) in acc.iter().enumerate() {
             for (c, &a) in aj.iter().enumerate() {
                 _mm512_storeu_ps(o[j].add(c * 16), a);
             }
         }
     }
 
-    macro_rules! by_width {
-        ($w:expr, $perm:expr, $two:expr, $args:tt) => {
-            by_width!(@ $w, $perm, $two, $args, 1 2 3 4 5 6 7 8)
-        };
-        (@ $w:expr, $perm:expr, $two:expr, $args:tt, $($n:literal)*) => {
-            match ($w, $perm, $two) {
-                $(
-                    ($n, false, false) => scores::<$n, false, false> $args,
-                    ($n, true, false) => scores::<$n, true, false> $args,
-                    ($n, false, true) => scores::<$n, false, true> $args,
-                    ($n, true, true) => scores::<$n, true, true> $args,
-                )*
-                _ => unreachable!("score width {}", $w),
-            }
-        };
+    /// Widest score call for `n` lines: `n·W` accumulators, `n` query vectors and a key
+    /// vector stay within the 32 registers.
+    fn max_width(n: usize) -> usize {
+        [8, 8, 7, 6][n - 1]
     }
 
-    /// Window columns per score call: `k2` split into near-equal parts of at most 8.
-    fn column_parts(k2: usize) -> impl Iterator<Item = (usize, usize)> {
-        let parts = k2.div_ceil(8);
+    /// Window columns per score call: `k2` split into near-equal parts of at most `max`.
+    fn column_parts(k2: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+        let parts = k2.div_ceil(max);
         (0..parts).map(move |i| {
             let (a, b) = (i * k2 / parts, (i + 1) * k2 / parts);
             (a, b - a)
         })
     }
 
-    /// One block of one or two lines (`nlines`): scores over the window rows × `k2`
+    /// One block of `nlines` consecutive lines: scores over the window rows × `k2`
     /// columns, softmax across them, `o = P·V / l`. Returns each line's per-lane max (base
     /// 2) and sum.
     ///
     /// # Safety
     /// AVX-512F; `q[j]` valid for `d` rows of stride `xp` (16 lanes each) for `j < nlines`;
     /// every row's `k` / `v` a transposed line of `d` / `dv` rows of `xp` columns with
-    /// `blk.base + 15 + k2 ≤ xp`; rows flagged for line B only when `nlines == 2`.
+    /// `blk.base + 15 + k2 ≤ xp`; rows' lines within `nlines`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn block(
         blk: &Block,
-        q: [*const f32; 2],
+        q: [*const f32; LINES],
         nlines: usize,
         rows: &[KeyRow],
         d: usize,
         dv: usize,
         xp: usize,
         k2: usize,
-        s: [&mut [f32]; 2],
-        o: [&mut [f32]; 2],
-    ) -> [([f32; 16], [f32; 16]); 2] {
-        let two = nlines == 2;
-        let nk = [
-            rows.iter().filter(|r| r.a.is_some()).count() * k2,
-            rows.iter().filter(|r| r.b.is_some()).count() * k2,
-        ];
-        assert!(s[0].len() >= nk[0] * 16 && s[1].len() >= nk[1] * 16);
-        assert!(two || nk[1] == 0);
+        s: [&mut [f32]; LINES],
+        o: [&mut [f32]; LINES],
+    ) -> [([f32; 16], [f32; 16]); LINES] {
+        assert!((1..=LINES).contains(&nlines));
+        let mut nk = [0usize; LINES];
+        for r in rows {
+            assert!(r.n >= 1 && r.j0 + r.n <= nlines);
+            for (i, j) in (r.j0..r.j0 + r.n).enumerate() {
+                assert!(r.at[i] == nk[j] / k2);
+                nk[j] += k2;
+            }
+        }
+        for j in 0..nlines {
+            assert!(s[j].len() >= nk[j] * 16);
+        }
         let osz = dv.next_multiple_of(16) * 16;
-        assert!(o[0].len() >= osz && o[1].len() >= osz);
+        assert!(o[..nlines].iter().all(|o| o.len() >= osz));
         assert!(blk.base + k2 + 15 <= xp && k2 <= blk.mask.len());
         let idx = _mm512_loadu_si512(blk.idx.as_ptr() as *const _);
         let perm = !blk.plain;
-        let sp = [s[0].as_mut_ptr(), s[1].as_mut_ptr()];
+        let sp: [*mut f32; LINES] = std::array::from_fn(|j| s[j].as_mut_ptr());
         for row in rows {
-            for (c0, w) in column_parts(k2) {
+            let qq: [*const f32; LINES] = std::array::from_fn(|i| q[(row.j0 + i).min(LINES - 1)]);
+            for (c0, w) in column_parts(k2, max_width(row.n)) {
                 let kp = row.k.add(blk.base + c0);
-                let at = |j: usize, i: usize| sp[j].add((i * k2 + c0) * 16);
-                match (row.a, row.b) {
-                    (Some(ia), Some(ib)) => {
-                        by_width!(w, perm, true, (q, kp, d, xp, idx, [at(0, ia), at(1, ib)]))
+                let ss: [*mut f32; LINES] = std::array::from_fn(|i| {
+                    if i < row.n {
+                        sp[row.j0 + i].add((row.at[i] * k2 + c0) * 16)
+                    } else {
+                        std::ptr::null_mut()
                     }
-                    (Some(ia), None) => {
-                        by_width!(w, perm, false, (q, kp, d, xp, idx, [at(0, ia), at(0, ia)]))
-                    }
-                    (None, Some(ib)) => {
-                        let qb = [q[1], q[1]];
-                        by_width!(w, perm, false, (qb, kp, d, xp, idx, [at(1, ib), at(1, ib)]))
-                    }
-                    (None, None) => {}
+                });
+                macro_rules! call {
+                    ($($w:literal)*) => {
+                        match (w, perm, row.n) {
+                            $(
+                                ($w, false, 1) => scores::<$w, false, 1>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 1) => scores::<$w, true, 1>(qq, kp, d, xp, idx, ss),
+                                ($w, false, 2) => scores::<$w, false, 2>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 2) => scores::<$w, true, 2>(qq, kp, d, xp, idx, ss),
+                                ($w, false, 3) => scores::<$w, false, 3>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 3) => scores::<$w, true, 3>(qq, kp, d, xp, idx, ss),
+                                ($w, false, 4) => scores::<$w, false, 4>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 4) => scores::<$w, true, 4>(qq, kp, d, xp, idx, ss),
+                            )*
+                            _ => unreachable!("score width {} for {} lines", w, row.n),
+                        }
+                    };
                 }
+                call!(1 2 3 4 5 6 7 8);
             }
         }
         // Softmax across the window, lane-wise.
         let mask = |t: usize| if blk.full { u16::MAX } else { blk.mask[t % k2] };
-        let mut res = [([0f32; 16], [0f32; 16]); 2];
+        let mut res = [([0f32; 16], [0f32; 16]); LINES];
         for j in 0..nlines {
             let p = sp[j];
             let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -713,33 +743,46 @@ mod x86 {
             _mm512_storeu_ps(res[j].0.as_mut_ptr(), mx);
             _mm512_storeu_ps(res[j].1.as_mut_ptr(), sum);
         }
-        let op = [o[0].as_mut_ptr(), o[1].as_mut_ptr()];
-        let pp = [sp[0] as *const f32, sp[1] as *const f32];
+        let op: [*mut f32; LINES] = std::array::from_fn(|j| o[j].as_mut_ptr());
+        let pp: [*const f32; LINES] = sp.map(|p| p as *const f32);
         let mut c0 = 0;
         while c0 < dv {
             let left = dv - c0;
-            let oc = [op[0].add(c0 * 16), op[1].add(c0 * 16)];
-            let args = (rows, pp, blk.base + c0 * xp, k2, xp, idx, oc);
-            let step = match (two, left) {
-                (false, 16..) => 16,
-                (true, 8..) | (false, 8..) => 8,
+            let oc: [*mut f32; LINES] = op.map(|p| p.wrapping_add(c0 * 16));
+            let off = blk.base + c0 * xp;
+            // Value columns per pass: `nlines·C` accumulators, the lines' `p` vectors and a
+            // value vector stay within the 32 registers.
+            let step = match (nlines, left) {
+                (1, 16..) => 16,
+                (1..=3, 8..) => 8,
                 (_, 4..) => 4,
                 _ => 1,
             };
             macro_rules! call {
-                ($($c:literal)*) => {
-                    match (step, perm, two) {
+                ($(($c:literal, $l:literal)),*) => {
+                    match (step, nlines, perm) {
                         $(
-                            ($c, false, false) => pv::<$c, false, false>(args.0, args.1, args.2, args.3, args.4, args.5, args.6),
-                            ($c, true, false) => pv::<$c, true, false>(args.0, args.1, args.2, args.3, args.4, args.5, args.6),
-                            ($c, false, true) => pv::<$c, false, true>(args.0, args.1, args.2, args.3, args.4, args.5, args.6),
-                            ($c, true, true) => pv::<$c, true, true>(args.0, args.1, args.2, args.3, args.4, args.5, args.6),
+                            ($c, $l, false) => pv::<$c, false, $l>(rows, pp, off, k2, xp, idx, oc),
+                            ($c, $l, true) => pv::<$c, true, $l>(rows, pp, off, k2, xp, idx, oc),
                         )*
-                        _ => unreachable!(),
+                        _ => unreachable!("{} value columns for {} lines", step, nlines),
                     }
                 };
             }
-            call!(16 8 4 1);
+            call!(
+                (16, 1),
+                (8, 1),
+                (4, 1),
+                (1, 1),
+                (8, 2),
+                (4, 2),
+                (1, 2),
+                (8, 3),
+                (4, 3),
+                (1, 3),
+                (4, 4),
+                (1, 4)
+            );
             c0 += step;
         }
         for (j, r) in res.iter().enumerate().take(nlines) {
@@ -756,12 +799,13 @@ mod x86 {
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
     //! Never reached: `applies` is false off x86-64.
-    use super::Block;
+    use super::{Block, LINES};
     pub(super) struct KeyRow {
         pub k: *const f32,
         pub v: *const f32,
-        pub a: Option<usize>,
-        pub b: Option<usize>,
+        pub j0: usize,
+        pub n: usize,
+        pub at: [usize; LINES],
     }
     pub(super) unsafe fn transpose_block(
         _: &[*const f32; 16],
@@ -779,16 +823,16 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn block(
         _: &Block,
-        _: [*const f32; 2],
+        _: [*const f32; LINES],
         _: usize,
         _: &[KeyRow],
         _: usize,
         _: usize,
         _: usize,
         _: usize,
-        _: [&mut [f32]; 2],
-        _: [&mut [f32]; 2],
-    ) -> [([f32; 16], [f32; 16]); 2] {
+        _: [&mut [f32]; LINES],
+        _: [&mut [f32]; LINES],
+    ) -> [([f32; 16], [f32; 16]); LINES] {
         unreachable!()
     }
 }
