@@ -70,9 +70,39 @@ fn main() {
         let mut lse = vec![0f32; b * n * h];
         let (mut dq, mut dk, mut dv) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
         let flops = 4.0 * (b * h * n * k.pow(r as u32) * d) as f64;
-        let f_ms = best_ms(reps, || {
+        // BENCH_BWD_ONLY=1 times the backward alone (for profiling it).
+        let bwd_only = std::env::var_os("BENCH_BWD_ONLY").is_some();
+        let f_ms = best_ms(if bwd_only { 0 } else { reps }, || {
             forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap()
         });
+        if bwd_only {
+            forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap();
+            let b_ms = best_ms(reps, || {
+                backward(
+                    &dims,
+                    &params,
+                    &q,
+                    &kk,
+                    &v,
+                    &[],
+                    &[],
+                    &out,
+                    &dout,
+                    &lse,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    &mut [],
+                    &mut [],
+                )
+                .unwrap()
+            });
+            println!(
+                "{name:<32} bwd {b_ms:9.2} ms {:9.1} GFLOP/s",
+                2.5 * flops / b_ms / 1e6
+            );
+            continue;
+        }
         // BENCH_FWD_ONLY=1 skips the backward (for profiling the forward).
         let fwd_only = std::env::var_os("BENCH_FWD_ONLY").is_some();
         let fb_ms = best_ms(if fwd_only { 0 } else { reps }, || {

@@ -69,6 +69,13 @@ impl<T: Poolable> Drop for PoolVec<T> {
     }
 }
 
+/// An empty buffer holding nothing from the pool (for scratch filled on first use).
+impl<T: Poolable> Default for PoolVec<T> {
+    fn default() -> Self {
+        PoolVec(Vec::new())
+    }
+}
+
 impl<T: Poolable> Deref for PoolVec<T> {
     type Target = Vec<T>;
     fn deref(&self) -> &Vec<T> {

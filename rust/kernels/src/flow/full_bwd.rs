@@ -17,33 +17,43 @@
 
 use super::full::{add_all, each_head, shifted, Head, HeadJob, Rows, Seg, Segments};
 use super::{sigmoid, FlowDims};
+use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::round_up_nr;
 use crate::linear::core::{mm, pack_n, pack_t, CHUNK};
-use crate::linear::SharedMut;
+use crate::linear::{fit, SharedMut};
 use crate::simd::math::VecMath;
 use crate::simd::Level;
 
 /// Per-row values a segment keeps between the backward's passes.
 #[derive(Default)]
-pub(crate) struct BwdRows<A> {
+pub(crate) struct BwdRows<A: Acc> {
     // query rows
     a: Vec<A>,
     daqq: Vec<A>,
     dih: Vec<A>,
-    /// `dout Sᵀ`, rows × D.
-    daq: Vec<A>,
+    /// `dout Sᵀ`, rows × D (pooled, as are the other row-by-D buffers: fresh ones fault in
+    /// every page on every call).
+    daq: PoolVec<A>,
     // key rows
     o: Vec<A>,
     e: Vec<A>,
     dc: Vec<A>,
     dino: Vec<A>,
     /// The core's gradient of `φ(k)`, rows × D.
-    dkc: Vec<A>,
+    dkc: PoolVec<A>,
     // blocks
     g: Vec<A>,
     bg: Vec<A>,
     blk: Vec<A>,
+}
+
+/// Makes `v` `n` long, from the pool when it cannot grow in place.
+fn pooled<A: Acc>(v: &mut PoolVec<A>, n: usize) {
+    if v.capacity() < n {
+        *v = take(n);
+    }
+    fit(v, n);
 }
 
 /// `y += Σ_r p[r] (x_r + eps)` over the rows of `x` (`y.len()` wide).
@@ -97,7 +107,7 @@ impl<E: Element> Head<'_, E> {
         E::Acc::dot_rows(level, &sg.qs, d, z.nwk, &mut b.a);
         b.a.iter_mut()
             .for_each(|x| *x = sigmoid((*x + eps * z.swk) * z.ratio));
-        b.daq.resize(nrows * d, E::Acc::ZERO);
+        pooled(&mut b.daq, nrows * d);
         b.daqq.resize(nrows, E::Acc::ZERO);
         b.dih.resize(nrows, E::Acc::ZERO);
         b.blk.resize(CHUNK * dp.max(vp), E::Acc::ZERO);
@@ -154,7 +164,7 @@ impl<E: Element> Head<'_, E> {
         let mrows = r.kb - r.ka;
         let b = &mut sg.b;
         b.dc.resize(mrows, E::Acc::ZERO);
-        b.dkc.resize(mrows * d, E::Acc::ZERO);
+        pooled(&mut b.dkc, mrows * d);
         b.blk.resize(CHUNK * dp.max(vp), E::Acc::ZERO);
         let mut s_cdc = E::Acc::ZERO;
         for j0 in (0..mrows).step_by(CHUNK) {
