@@ -70,46 +70,10 @@ fn main() {
         let mut lse = vec![0f32; b * n * h];
         let (mut dq, mut dk, mut dv) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
         let flops = 4.0 * (b * h * n * k.pow(r as u32) * d) as f64;
-        // BENCH_BWD_ONLY=1 times the backward alone (for profiling it).
-        let bwd_only = std::env::var_os("BENCH_BWD_ONLY").is_some();
-        let f_ms = best_ms(if bwd_only { 0 } else { reps }, || {
-            forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap()
-        });
-        if bwd_only {
-            forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap();
-            let b_ms = best_ms(reps, || {
-                backward(
-                    &dims,
-                    &params,
-                    &q,
-                    &kk,
-                    &v,
-                    &[],
-                    &[],
-                    &out,
-                    &dout,
-                    &lse,
-                    &mut dq,
-                    &mut dk,
-                    &mut dv,
-                    &mut [],
-                    &mut [],
-                )
-                .unwrap()
-            });
-            println!(
-                "{name:<32} bwd {b_ms:9.2} ms {:9.1} GFLOP/s",
-                2.5 * flops / b_ms / 1e6
-            );
-            continue;
-        }
-        // BENCH_FWD_ONLY=1 skips the backward (for profiling the forward).
-        let fwd_only = std::env::var_os("BENCH_FWD_ONLY").is_some();
-        let fb_ms = best_ms(if fwd_only { 0 } else { reps }, || {
-            if fwd_only {
-                return;
-            }
-            forward(&dims, &params, &q, &kk, &v, &[], &[], &mut out, &mut lse).unwrap();
+        let fwd = |out: &mut [f32], lse: &mut [f32]| {
+            forward(&dims, &params, &q, &kk, &v, &[], &[], out, lse).unwrap()
+        };
+        let bwd = |out: &[f32], lse: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]| {
             backward(
                 &dims,
                 &params,
@@ -118,16 +82,35 @@ fn main() {
                 &v,
                 &[],
                 &[],
-                &out,
+                out,
                 &dout,
-                &lse,
-                &mut dq,
-                &mut dk,
-                &mut dv,
+                lse,
+                dq,
+                dk,
+                dv,
                 &mut [],
                 &mut [],
             )
             .unwrap()
+        };
+        // BENCH_BWD_ONLY=1 times the backward alone, BENCH_FWD_ONLY=1 the forward alone
+        // (for profiling one of them).
+        let bwd_only = std::env::var_os("BENCH_BWD_ONLY").is_some();
+        let fwd_only = std::env::var_os("BENCH_FWD_ONLY").is_some();
+        let f_ms = best_ms(if bwd_only { 0 } else { reps }, || fwd(&mut out, &mut lse));
+        if bwd_only {
+            let b_ms = best_ms(reps, || bwd(&out, &lse, &mut dq, &mut dk, &mut dv));
+            println!(
+                "{name:<32} bwd {b_ms:9.2} ms {:9.1} GFLOP/s",
+                2.5 * flops / b_ms / 1e6
+            );
+            continue;
+        }
+        let fb_ms = best_ms(if fwd_only { 0 } else { reps }, || {
+            if !fwd_only {
+                fwd(&mut out, &mut lse);
+                bwd(&out, &lse, &mut dq, &mut dk, &mut dv);
+            }
         });
         println!(
             "{:<32} {:>9.2} {:>9.1} {:>11.2} {:>9.1}",
