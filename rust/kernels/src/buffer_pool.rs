@@ -36,6 +36,15 @@ pub struct PoolVec<T: Poolable>(Vec<T>);
 /// Takes the smallest pooled buffer with capacity ≥ `capacity` (else the largest one, which
 /// the caller will grow), cleared.
 pub fn take<T: Poolable>(capacity: usize) -> PoolVec<T> {
+    let mut v = take_filled(capacity);
+    v.clear();
+    v
+}
+
+/// [`take`], but keeping the values the buffer held (its length is whatever its last user
+/// left): callers that overwrite what they read then only pay for zeroing growth, not for
+/// clearing megabytes on every call.
+pub fn take_filled<T: Poolable>(capacity: usize) -> PoolVec<T> {
     let mut pool = T::pool().lock().unwrap_or_else(|e| e.into_inner());
     let fit = pool
         .iter()
@@ -46,8 +55,7 @@ pub fn take<T: Poolable>(capacity: usize) -> PoolVec<T> {
         .map(|(i, _)| i);
     let mut v = fit.map(|i| pool.swap_remove(i)).unwrap_or_default();
     drop(pool);
-    v.clear();
-    v.reserve(capacity);
+    v.reserve(capacity.saturating_sub(v.len()));
     PoolVec(v)
 }
 

@@ -15,7 +15,7 @@
 //! [`applies`]).
 
 use super::{group_window, Geo, NaDims, SharedMut};
-use crate::buffer_pool::{take, PoolVec};
+use crate::buffer_pool::{take_filled, PoolVec};
 use crate::element::Element;
 use crate::per_thread::PerThread;
 use crate::simd::Level;
@@ -51,17 +51,19 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
         && geo.s[2] == 1
         && geo.k.iter().product::<usize>() <= MAX_KEYS
         && geo.k[2] <= MAX_LINE_KERNEL
-        // 2-D only. 3-D calls stay tiled: at 8×16×16, k = 3 that measured faster (short
-        // lines, every block at a line edge). 1-D ones too: a single line has no neighbour
-        // to share key loads with, nor bands to split across threads (L = 4096, k = 13
-        // measured 3.5× slower here).
+        // 2-D only. 3-D calls stay tiled: a version with bands of z planes measured mixed
+        // against it (8×16×16 k = 3 D = 64 3% and 16³ k = 3 D = 32 25% faster, 8×32×32
+        // k = 5 D = 32 16% and 12×24×24 k = 3 dilation 2 8% slower). 1-D ones too: a single
+        // line has no neighbour to share key loads with, nor bands to split across threads
+        // (L = 4096, k = 13 measured 3.5× slower here).
         && geo.len[0] == 1
         && geo.len[1] > 1
         && geo.group_len(2, geo.d[2] - 1) >= MIN_LINE
 }
 
-/// Per-thread buffers (the transposed key / value lines pooled across calls: fresh
-/// allocations of their size fault in every page).
+/// Per-thread buffers (the transposed key / value lines pooled across calls, with the
+/// values they held: fresh allocations of their size fault in every page, and clearing
+/// them cost ~10% of a forward).
 struct Scratch {
     qt: Vec<f32>,
     kt: PoolVec<f32>,
@@ -164,8 +166,8 @@ pub(super) fn run<E: Element>(
             let bi = task / bands.len();
             let init = || Scratch {
                 qt: Vec::new(),
-                kt: take(kcap * d),
-                vt: take(kcap * dv),
+                kt: take_filled(kcap * d),
+                vt: take_filled(kcap * dv),
                 s: Vec::new(),
                 o: Vec::new(),
                 rows: Vec::new(),
@@ -240,7 +242,7 @@ impl Band<'_> {
     }
 
     /// Transposes line `y` of `src` into `dst[c·xp + x]` (times `scale`); columns from
-    /// the line's end to `xp` are zero.
+    /// the line's end to the last block's end, and `k2` after it, are zero.
     #[allow(clippy::too_many_arguments)]
     fn transpose_line<E: Element>(
         &self,
@@ -264,9 +266,13 @@ impl Band<'_> {
             unsafe { x86::transpose_block(&ptrs, nr, w, scale, &mut dst[x0..], xp) };
             x0 += 16;
         }
+        // Idle lanes of the last block read up to `k2` columns past it; the rest of the
+        // padding is never read (zeroing all of it was ~18% of a 3-D k = 3 forward, when
+        // that ran here).
         let done = nx.next_multiple_of(16);
+        let end = (done + self.geo.k[2]).min(xp);
         for c in 0..w {
-            dst[c * xp + done..(c + 1) * xp].fill(0.0);
+            dst[c * xp + done..c * xp + end].fill(0.0);
         }
     }
 
@@ -594,7 +600,11 @@ mod x86 {
 
     /// `o_j = Σ_rows` [`pv_row`] for the `L` lines of a block, `C` value columns.
     // `$j0 + $n <= L` reads as the lines' range, also where `$j0` is 0.
-    #[allow(clippy::needless_range_loop, clippy::too_many_arguments, clippy::int_plus_one)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::too_many_arguments,
+        clippy::int_plus_one
+    )]
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn pv<const C: usize, const PERM: bool, const L: usize>(
