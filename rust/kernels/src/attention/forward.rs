@@ -208,7 +208,9 @@ fn tile<T: Acc>(
             };
             let sum = T::exp2_sub_sum(level, &mut row[..nvis], m_ref);
             row[nvis..].fill(T::ZERO);
-            let alpha = if m_old == m_new {
+            // While the max is still -inf nothing was accumulated: the rescale by 0 of a zero
+            // row (every query's first chunk) is skipped.
+            let alpha = if m_old == m_new || m_old == T::NEG_INFINITY {
                 T::ONE
             } else {
                 T::exp2(m_old - m_ref)

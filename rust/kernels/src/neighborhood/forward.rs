@@ -3,7 +3,7 @@
 
 use super::pack::{self, Rows};
 use super::{rows, tile_extent, tiles, Geo, NaDims, SharedMut, Tile};
-use crate::buffer_pool::{take, PoolVec};
+use crate::buffer_pool::{take_filled, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
 use crate::per_thread::PerThread;
@@ -134,7 +134,8 @@ pub(super) fn run<E: Element>(
                 packed: Packed::new(),
                 q: Vec::new(),
                 s: {
-                    let mut s = take(tq * lds);
+                    // Scores are read only where computed this chunk (masked loads).
+                    let mut s = take_filled(tq * lds);
                     s.resize(tq * lds, E::Acc::ZERO);
                     s
                 },
@@ -301,7 +302,9 @@ fn chunk<'b, T: Acc>(
         let row = &mut s[qi * lds + cs - base..qi * lds + ce - base];
         let m_old = m[qi];
         let (m_new, m_ref, sum) = rows::online(level, row, bits(qi), cs, m_old);
-        let alpha = if m_old == m_new {
+        // While the max is still -inf nothing was accumulated: the rescale by 0 of a zero
+        // row (every query's first chunk) is skipped.
+        let alpha = if m_old == m_new || m_old == T::NEG_INFINITY {
             T::ONE
         } else {
             T::exp2(m_old - m_ref)
