@@ -11,6 +11,7 @@ use super::{colours, rows, tile_extent, tiles, Geo, NaDims, SharedMut, Tile};
 use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
+use crate::linear::core::vdot;
 use crate::per_thread::PerThread;
 use crate::simd::Level;
 use rayon::prelude::*;
@@ -287,11 +288,7 @@ pub(super) fn run<E: Element>(
                         for (qi, &p) in tile.qpos.iter().enumerate() {
                             qsd.lse2.push(lse[(bi * n + p) * hq + h] * log2e);
                             let r = qi * dvd..(qi + 1) * dvd;
-                            let mut s = E::Acc::ZERO;
-                            for (&x, &y) in qsd.or[r.clone()].iter().zip(&qsd.dor[r]) {
-                                s += x * y;
-                            }
-                            qsd.delta.push(s);
+                            qsd.delta.push(vdot(level, &qsd.or[r.clone()], &qsd.dor[r]));
                         }
                         sc.dq[..nq * d_pad].fill(E::Acc::ZERO);
                         for p in 0..panels(nk) {
