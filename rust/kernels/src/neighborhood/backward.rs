@@ -66,8 +66,6 @@ struct QSide<T: Acc> {
     /// dO column panels, B of `dV += Pᵀ·dO`.
     dop: Vec<T>,
     dops: usize,
-    /// O rows (for δ).
-    or: Vec<T>,
     lse2: Vec<T>,
     delta: Vec<T>,
 }
@@ -216,7 +214,6 @@ pub(super) fn run<E: Element>(
                         dor: Vec::new(),
                         dop: Vec::new(),
                         dops: 0,
-                        or: Vec::new(),
                         lse2: Vec::new(),
                         delta: Vec::new(),
                     },
@@ -276,20 +273,17 @@ pub(super) fn run<E: Element>(
                         qsd.qps = pack::cols(level, qr, &mut sc.tmp, &mut qsd.qp);
                         pack::rows(level, dor, one, &mut sc.tmp, &mut qsd.dor);
                         qsd.dops = pack::cols(level, dor, &mut sc.tmp, &mut qsd.dop);
-                        pack::rows(
-                            level,
-                            rows(out, &tile.qpos, hq, h, dvd),
-                            one,
-                            &mut sc.tmp,
-                            &mut qsd.or,
-                        );
                         qsd.lse2.clear();
-                        qsd.delta.clear();
-                        for (qi, &p) in tile.qpos.iter().enumerate() {
+                        for &p in &tile.qpos {
                             qsd.lse2.push(lse[(bi * n + p) * hq + h] * log2e);
-                            let r = qi * dvd..(qi + 1) * dvd;
-                            qsd.delta.push(vdot(level, &qsd.or[r.clone()], &qsd.dor[r]));
                         }
+                        // δ = O·dO straight from the output rows (packing them was a
+                        // copy read once).
+                        qsd.delta.clear();
+                        let (delta, dorp) = (&mut qsd.delta, &qsd.dor);
+                        rows(out, &tile.qpos, hq, h, dvd).each(&mut sc.tmp, |qi, o| {
+                            delta.push(vdot(level, o, &dorp[qi * dvd..(qi + 1) * dvd]))
+                        });
                         sc.dq[..nq * d_pad].fill(E::Acc::ZERO);
                         for p in 0..panels(nk) {
                             let (qa, qb) = tile.range[p];

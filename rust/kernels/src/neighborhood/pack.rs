@@ -31,7 +31,7 @@ impl<E: Element> Rows<'_, E> {
 
     /// Calls `f(i, row)` with each row as `Acc` (in place for f32 / f64, else via `tmp`).
     #[inline]
-    fn each(&self, tmp: &mut Vec<E::Acc>, mut f: impl FnMut(usize, &[E::Acc])) {
+    pub(super) fn each(&self, tmp: &mut Vec<E::Acc>, mut f: impl FnMut(usize, &[E::Acc])) {
         if tmp.len() < self.w {
             tmp.resize(self.w, E::Acc::ZERO);
         }
