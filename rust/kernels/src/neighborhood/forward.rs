@@ -72,6 +72,7 @@ pub(super) fn run<E: Element>(
     out: &mut [E],
     lse: &mut [E::Acc],
 ) {
+    #[cfg(target_arch = "x86_64")]
     if super::lanes::applies::<E>(level, dims, geo) {
         super::lanes::run(dims, geo, scale, q, k, v, out, lse);
         return;

@@ -43,8 +43,7 @@ const BAND: usize = 1024;
 
 /// Whether the call runs here.
 pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> bool {
-    cfg!(target_arch = "x86_64")
-        && level == Level::Avx512
+    level == Level::Avx512
         && crate::simd::supported(level)
         && TypeId::of::<E::Acc>() == TypeId::of::<f32>()
         && dims.n_additional == 0
@@ -447,7 +446,6 @@ impl Block {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Block, LINES};
     use crate::neighborhood::pack::transpose16;
@@ -803,46 +801,5 @@ mod x86 {
             }
         }
         res
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod x86 {
-    //! Never reached: `applies` is false off x86-64.
-    use super::{Block, LINES};
-    pub(super) struct KeyRow {
-        pub k: *const f32,
-        pub v: *const f32,
-        pub j0: usize,
-        pub n: usize,
-        pub at: [usize; LINES],
-    }
-    pub(super) unsafe fn transpose_block(
-        _: &[*const f32; 16],
-        _: usize,
-        _: usize,
-        _: f32,
-        _: &mut [f32],
-        _: usize,
-    ) {
-        unreachable!()
-    }
-    pub(super) unsafe fn untranspose(_: &[f32], _: usize, _: &[*mut f32; 16], _: usize) {
-        unreachable!()
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn block(
-        _: &Block,
-        _: [*const f32; LINES],
-        _: usize,
-        _: &[KeyRow],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: [&mut [f32]; LINES],
-        _: [&mut [f32]; LINES],
-    ) -> [([f32; 16], [f32; 16]); LINES] {
-        unreachable!()
     }
 }

@@ -24,6 +24,8 @@
 
 mod backward;
 mod forward;
+// AVX-512 only: other targets always take the tiled path.
+#[cfg(target_arch = "x86_64")]
 mod lanes;
 mod pack;
 mod rows;

@@ -341,13 +341,16 @@ fn lanes_path_matches_reference() {
             &[false, false],
         ),
     ];
-    let avx512 = simd::available().contains(&simd::Level::Avx512);
     for (ci, c) in cases.iter().enumerate() {
-        let dm = &c.dims;
-        let geo = validate(dm, &c.p).unwrap();
+        // The lanes module exists on x86-64 only; elsewhere every call is tiled.
+        #[cfg(target_arch = "x86_64")]
         assert_eq!(
-            super::lanes::applies::<f32>(simd::Level::Avx512, dm, &geo),
-            avx512,
+            super::lanes::applies::<f32>(
+                simd::Level::Avx512,
+                &c.dims,
+                &validate(&c.dims, &c.p).unwrap()
+            ),
+            simd::available().contains(&simd::Level::Avx512),
             "case {ci}"
         );
         check_every_level(ci, c, 0x5851_F42D_4C95_7F2D + ci as u64);
