@@ -193,8 +193,18 @@ fn long_causal_forward_matches_naive() {
     }
 }
 
-/// One forward case against the naive reference, in f64 and f32 at the active level.
-fn check_forward(c: &Case, seed: &mut u64) {
+/// A case's random inputs: row and sequence counts, q, k, v and initial states.
+struct Inputs {
+    rows: usize,
+    n: usize,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    s0: Vec<f64>,
+    z0: Vec<f64>,
+}
+
+fn inputs(c: &Case, seed: &mut u64) -> Inputs {
     let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
     let rows = c.d.batch * c.d.seq_len;
     let n = sequences(c.d.batch, c.d.seq_len, c.cu.as_deref())
@@ -202,17 +212,34 @@ fn check_forward(c: &Case, seed: &mut u64) {
         .len();
     // Positive feature values keep the normaliser away from zero.
     let shift = if c.o.normalize { 1.5 } else { 0.0 };
-    let q: Vec<f64> = rand(rows * h * kd, seed)
-        .iter()
-        .map(|x| x + shift)
-        .collect();
-    let k: Vec<f64> = rand(rows * h * kd, seed)
-        .iter()
-        .map(|x| x + shift)
-        .collect();
+    let mut shifted = |len| -> Vec<f64> { rand(len, seed).iter().map(|x| x + shift).collect() };
+    let (q, k) = (shifted(rows * h * kd), shifted(rows * h * kd));
     let v = rand(rows * h * vd, seed);
     let s0 = rand(n * h * kd * vd, seed);
-    let z0: Vec<f64> = rand(n * h * kd, seed).iter().map(|x| x.abs()).collect();
+    let z0 = rand(n * h * kd, seed).iter().map(|x| x.abs()).collect();
+    Inputs {
+        rows,
+        n,
+        q,
+        k,
+        v,
+        s0,
+        z0,
+    }
+}
+
+/// One forward case against the naive reference, in f64 and f32 at the active level.
+fn check_forward(c: &Case, seed: &mut u64) {
+    let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
+    let Inputs {
+        rows,
+        n,
+        q,
+        k,
+        v,
+        s0,
+        z0,
+    } = inputs(c, seed);
     let (s0, z0) = if c.init {
         (Some(&s0[..]), Some(&z0[..]))
     } else {
@@ -311,25 +338,15 @@ fn check_backward(cases: &[Case], stride: usize, seed: u64) {
         crate::simd::force(Some(level)).unwrap();
         for c in cases {
             let (h, kd, vd) = (c.d.heads, c.d.head_dim, c.d.v_head_dim);
-            let rows = c.d.batch * c.d.seq_len;
-            let n = sequences(c.d.batch, c.d.seq_len, c.cu.as_deref())
-                .unwrap()
-                .len();
-            let shift = if c.o.normalize { 1.5 } else { 0.0 };
-            let q: Vec<f64> = rand(rows * h * kd, &mut seed)
-                .iter()
-                .map(|x| x + shift)
-                .collect();
-            let k: Vec<f64> = rand(rows * h * kd, &mut seed)
-                .iter()
-                .map(|x| x + shift)
-                .collect();
-            let v = rand(rows * h * vd, &mut seed);
-            let s0 = rand(n * h * kd * vd, &mut seed);
-            let z0: Vec<f64> = rand(n * h * kd, &mut seed)
-                .iter()
-                .map(|x| x.abs())
-                .collect();
+            let Inputs {
+                rows,
+                n,
+                q,
+                k,
+                v,
+                s0,
+                z0,
+            } = inputs(c, &mut seed);
             let go = rand(rows * h * vd, &mut seed);
             let gs = rand(n * h * kd * vd, &mut seed);
             let gz = rand(n * h * kd, &mut seed);
