@@ -56,26 +56,21 @@ fn main() {
             let fwd = best_ms(5, || {
                 forward(&dims, causal, 1e-6, &x, &x, &x, &mut out).unwrap()
             });
-            if fwd_only {
-                let gf = 4.0 * (b * h * t * d * d) as f64 / 1e9;
-                println!(
-                    "T={t:<6} causal={causal:<5} fwd {fwd:8.2} ms {:6.1} GFLOP/s",
-                    gf / fwd * 1e3
-                );
-                continue;
-            }
-            let bwd = best_ms(3, || {
-                backward(
-                    &dims, causal, 1e-6, &x, &x, &x, &x, &mut dq, &mut dk, &mut dv,
-                )
-                .unwrap()
-            });
             let gf = 4.0 * (b * h * t * d * d) as f64 / 1e9;
-            println!(
-                "T={t:<6} causal={causal:<5} fwd {fwd:8.2} ms {:6.1} GFLOP/s   bwd {bwd:8.2} ms {:6.1} GFLOP/s",
-                gf / fwd * 1e3,
-                2.5 * gf / bwd * 1e3
+            print!(
+                "T={t:<6} causal={causal:<5} fwd {fwd:8.2} ms {:6.1} GFLOP/s",
+                gf / fwd * 1e3
             );
+            if !fwd_only {
+                let bwd = best_ms(3, || {
+                    backward(
+                        &dims, causal, 1e-6, &x, &x, &x, &x, &mut dq, &mut dk, &mut dv,
+                    )
+                    .unwrap()
+                });
+                print!("   bwd {bwd:8.2} ms {:6.1} GFLOP/s", 2.5 * gf / bwd * 1e3);
+            }
+            println!();
         }
     }
 }
