@@ -107,10 +107,7 @@ fn sigmoid<A: Acc>(x: A) -> A {
 
 /// `x = sigmoid(x)` with the vector exp.
 fn sigmoid_rows<A: Acc>(level: Level, x: &mut [A]) {
-    let c = A::from_f64(-std::f64::consts::LOG2_E);
-    x.iter_mut().for_each(|v| *v *= c);
-    A::exp2_sub_sum(level, x, A::ZERO);
-    x.iter_mut().for_each(|v| *v = A::ONE / (A::ONE + *v));
+    A::sigmoid(level, x);
 }
 
 fn sum<A: Acc>(x: &[A]) -> A {

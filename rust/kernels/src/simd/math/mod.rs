@@ -41,6 +41,8 @@ pub trait VecMath: Copy + Send + Sync + 'static {
     fn row_max(level: Level, x: &[Self]) -> Self;
     /// `x[i] *= a`.
     fn scale(level: Level, x: &mut [Self], a: Self);
+    /// `x[i] = 1 / (1 + e^(−x[i]))`.
+    fn sigmoid(level: Level, x: &mut [Self]);
     /// `ds[i] = p[i] · (ds[i] − delta)`; `p` must be at least as long as `ds`.
     fn mul_sub(level: Level, ds: &mut [Self], p: &[Self], delta: Self);
     /// Scalar `2^x`.
@@ -83,6 +85,9 @@ macro_rules! portable_impl {
         }
         pub(super) fn p_scale(x: &mut [$t], a: $t) {
             x.iter_mut().for_each(|v| *v *= a);
+        }
+        pub(super) fn p_sigmoid(x: &mut [$t]) {
+            x.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
         }
         pub(super) fn p_mul_sub(ds: &mut [$t], p: &[$t], delta: $t) {
             for (d, &pv) in ds.iter_mut().zip(p) {
@@ -176,6 +181,16 @@ impl VecMath for f32 {
         }
     }
     #[inline]
+    fn sigmoid(level: Level, x: &mut [f32]) {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 if avx512() => unsafe { x86_avx512::sigmoid(x) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 if avx2() => unsafe { x86_avx2::sigmoid(x) },
+            _ => p32::p_sigmoid(x),
+        }
+    }
+    #[inline]
     fn mul_sub(level: Level, ds: &mut [f32], p: &[f32], delta: f32) {
         assert!(p.len() >= ds.len());
         match level {
@@ -222,6 +237,10 @@ impl VecMath for f64 {
         p64::p_scale(x, a)
     }
     #[inline]
+    fn sigmoid(_: Level, x: &mut [f64]) {
+        p64::p_sigmoid(x)
+    }
+    #[inline]
     fn mul_sub(_: Level, ds: &mut [f64], p: &[f64], delta: f64) {
         p64::p_mul_sub(ds, p, delta)
     }
@@ -262,6 +281,30 @@ mod tests {
             assert!(f32::exp2_sub_sum(level, &mut nan, 2.0).is_nan());
             assert_eq!(f32::row_max(level, &xs[..1000]), xs[999]);
             assert_eq!(f32::row_max(level, &[]), f32::NEG_INFINITY);
+        }
+    }
+
+    #[test]
+    fn sigmoid_matches_std_every_level() {
+        let xs: Vec<f32> = (0..2001)
+            .map(|i| -100.0 + i as f32 * 0.1)
+            .chain([f32::NEG_INFINITY, f32::INFINITY, 0.0, -1e-8, 88.5, -88.5])
+            .collect();
+        for level in crate::simd::available() {
+            let mut y = xs.clone();
+            f32::sigmoid(level, &mut y);
+            for (&x, &y) in xs.iter().zip(&y) {
+                let w = 1.0 / (1.0 + (-(x as f64)).exp());
+                // rounding x·log2(e) to f32 costs up to |x|·2^-24 relative error in e^-x
+                let tol = 4e-7 + (x as f64).abs().min(200.0) * 6e-8;
+                assert!(
+                    (y as f64 - w).abs() <= tol * w + 1e-37,
+                    "{level:?} x={x} got {y} want {w}"
+                );
+            }
+            let mut nan = [0.5f32, f32::NAN];
+            f32::sigmoid(level, &mut nan);
+            assert!(nan[1].is_nan() && nan[0] > 0.6);
         }
     }
 

@@ -93,6 +93,26 @@ pub(super) unsafe fn max(x: &[f32]) -> f32 {
     x[i..].iter().fold(_mm_cvtss_f32(s), |a, &b| a.max(b))
 }
 
+/// `x = 1 / (1 + 2^(-x·log2 e))` (the exponent is clamped inside [`exp2v`]).
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn sigmoid(x: &mut [f32]) {
+    let (c, one) = (
+        _mm256_set1_ps(-std::f32::consts::LOG2_E),
+        _mm256_set1_ps(1.0),
+    );
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i + 8 <= n {
+        let e = exp2v(_mm256_mul_ps(_mm256_loadu_ps(p.add(i)), c));
+        _mm256_storeu_ps(p.add(i), _mm256_div_ps(one, _mm256_add_ps(one, e)));
+        i += 8;
+    }
+    x[i..]
+        .iter_mut()
+        .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
+}
+
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn scale(x: &mut [f32], a: f32) {
     let av = _mm256_set1_ps(a);

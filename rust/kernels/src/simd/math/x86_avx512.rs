@@ -129,6 +129,31 @@ pub(super) unsafe fn max(x: &[f32]) -> f32 {
     _mm512_reduce_max_ps(acc)
 }
 
+/// `x = 1 / (1 + 2^(-x·log2 e))`. The reciprocal is `rcp14` plus one Newton step (about
+/// 1 ulp): a `vdivps` per vector was the flows' largest cost. The exponent is capped at
+/// 126 so `1 + e` stays finite and the Newton step cannot form `inf · 0`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn sigmoid(x: &mut [f32]) {
+    let (c, cap, one) = (
+        _mm512_set1_ps(-std::f32::consts::LOG2_E),
+        _mm512_set1_ps(126.0),
+        _mm512_set1_ps(1.0),
+    );
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut i = 0;
+    while i < n {
+        let k = tail_mask((n - i).min(16));
+        // min returns its second operand for NaN, so NaN stays NaN
+        let t = _mm512_min_ps(cap, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), c));
+        let d = _mm512_add_ps(one, exp2v(t));
+        let r = _mm512_rcp14_ps(d);
+        let r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
+        _mm512_mask_storeu_ps(p.add(i), k, r);
+        i += 16;
+    }
+}
+
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn scale(x: &mut [f32], a: f32) {
     let av = _mm512_set1_ps(a);
