@@ -245,7 +245,6 @@ impl<E: Element> Head<'_, E> {
         dsq: &[E::Acc],
     ) -> Vec<E::Acc> {
         let (level, d, eps) = (self.level, self.d, self.eps);
-        let one = E::Acc::ONE;
         let nrows = r.qb - r.qa;
         let b = &mut sg.b;
         let mut dini = vec![E::Acc::ZERO; nrows];
@@ -256,19 +255,17 @@ impl<E: Element> Head<'_, E> {
         }
         let mut dsk = vec![E::Acc::ZERO; d];
         axpy_rows_eps(level, &mut dsk, &dini, &sg.qs, eps);
-        #[allow(clippy::needless_range_loop)] // i indexes six per-row arrays
+        fit(&mut b.g, d);
+        #[allow(clippy::needless_range_loop)] // i indexes five per-row arrays
         for i in 0..nrows {
-            let (ai, ii) = (b.a[i] * sg.inv[i], sg.inv[i]);
-            b.g.clear();
-            b.g.extend((0..d).map(|c| {
-                let x = ai * b.daq[i * d + c]
-                    + b.dih[i] * z.nwk[c]
-                    + ii * dwq[c]
-                    + dini[i] * z.nk[c]
-                    + dsq[c];
-                let s = sg.qs[i * d + c];
-                x * s * (one - s)
-            }));
+            let ii = sg.inv[i];
+            let terms = [
+                (b.a[i] * ii, &b.daq[i * d..(i + 1) * d]),
+                (b.dih[i], z.nwk),
+                (ii, dwq),
+                (dini[i], z.nk),
+            ];
+            E::Acc::sigmoid_grad(level, &mut b.g, &sg.qs[i * d..(i + 1) * d], &terms, dsq);
             // SAFETY: query rows of head `h` in this segment belong to this call alone.
             let dst = unsafe { gr.dq.slice(self.row_off(self.qrow0, r.qa + i, d), d) };
             E::from_acc_slice(&b.g, dst);
@@ -288,9 +285,10 @@ impl<E: Element> Head<'_, E> {
         dwk: &[E::Acc],
         dsk: &[E::Acc],
     ) {
-        let d = self.d;
+        let (level, d) = (self.level, self.d);
         let one = E::Acc::ONE;
         let b = &mut sg.b;
+        fit(&mut b.g, d);
         for j in 0..r.kb - r.ka {
             let gate = sg.ohr[j] >= -one && sg.ohr[j] <= one;
             let dohr = if gate {
@@ -298,13 +296,13 @@ impl<E: Element> Head<'_, E> {
             } else {
                 E::Acc::ZERO
             };
-            let (oj, dn) = (b.o[j], b.dino[j]);
-            b.g.clear();
-            b.g.extend((0..d).map(|c| {
-                let x = b.dkc[j * d + c] + dohr * z.nwq[c] + oj * dwk[c] + dn * z.nq[c] + dsk[c];
-                let s = sg.ks[j * d + c];
-                x * s * (one - s)
-            }));
+            let terms = [
+                (one, &b.dkc[j * d..(j + 1) * d]),
+                (dohr, z.nwq),
+                (b.o[j], dwk),
+                (b.dino[j], z.nq),
+            ];
+            E::Acc::sigmoid_grad(level, &mut b.g, &sg.ks[j * d..(j + 1) * d], &terms, dsk);
             // SAFETY: key rows of head `h` in this segment belong to this call alone.
             let dst = unsafe { gr.dk.slice(self.row_off(self.krow0, r.ka + j, d), d) };
             E::from_acc_slice(&b.g, dst);

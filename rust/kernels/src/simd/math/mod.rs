@@ -43,6 +43,16 @@ pub trait VecMath: Copy + Send + Sync + 'static {
     fn scale(level: Level, x: &mut [Self], a: Self);
     /// `x[i] = 1 / (1 + e^(−x[i]))`.
     fn sigmoid(level: Level, x: &mut [Self]);
+    /// `out[i] = (Σ_t c_t · x_t[i] + base[i]) · s[i] (1 − s[i])`: a gradient summed from
+    /// four terms, taken back through the sigmoid whose outputs are `s`. Every slice must
+    /// be at least as long as `out`.
+    fn sigmoid_grad(
+        level: Level,
+        out: &mut [Self],
+        s: &[Self],
+        terms: &[(Self, &[Self]); 4],
+        base: &[Self],
+    );
     /// `ds[i] = p[i] · (ds[i] − delta)`; `p` must be at least as long as `ds`.
     fn mul_sub(level: Level, ds: &mut [Self], p: &[Self], delta: Self);
     /// Scalar `2^x`.
@@ -88,6 +98,17 @@ macro_rules! portable_impl {
         }
         pub(super) fn p_sigmoid(x: &mut [$t]) {
             x.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
+        }
+        pub(super) fn p_sigmoid_grad(
+            out: &mut [$t],
+            s: &[$t],
+            terms: &[($t, &[$t]); 4],
+            base: &[$t],
+        ) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let x = terms.iter().fold(base[i], |a, (c, x)| a + c * x[i]);
+                *o = x * (s[i] - s[i] * s[i]);
+            }
         }
         pub(super) fn p_mul_sub(ds: &mut [$t], p: &[$t], delta: $t) {
             for (d, &pv) in ds.iter_mut().zip(p) {
@@ -191,6 +212,22 @@ impl VecMath for f32 {
         }
     }
     #[inline]
+    fn sigmoid_grad(
+        level: Level,
+        out: &mut [f32],
+        s: &[f32],
+        terms: &[(f32, &[f32]); 4],
+        base: &[f32],
+    ) {
+        let n = out.len();
+        assert!(s.len() >= n && base.len() >= n && terms.iter().all(|t| t.1.len() >= n));
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 if avx512() => unsafe { x86_avx512::sigmoid_grad(out, s, terms, base) },
+            _ => p32::p_sigmoid_grad(out, s, terms, base),
+        }
+    }
+    #[inline]
     fn mul_sub(level: Level, ds: &mut [f32], p: &[f32], delta: f32) {
         assert!(p.len() >= ds.len());
         match level {
@@ -239,6 +276,16 @@ impl VecMath for f64 {
     #[inline]
     fn sigmoid(_: Level, x: &mut [f64]) {
         p64::p_sigmoid(x)
+    }
+    #[inline]
+    fn sigmoid_grad(
+        _: Level,
+        out: &mut [f64],
+        s: &[f64],
+        terms: &[(f64, &[f64]); 4],
+        base: &[f64],
+    ) {
+        p64::p_sigmoid_grad(out, s, terms, base)
     }
     #[inline]
     fn mul_sub(_: Level, ds: &mut [f64], p: &[f64], delta: f64) {
@@ -305,6 +352,32 @@ mod tests {
             let mut nan = [0.5f32, f32::NAN];
             f32::sigmoid(level, &mut nan);
             assert!(nan[1].is_nan() && nan[0] > 0.6);
+            for n in [0, 1, 15, 16, 17, 64, 70] {
+                let row = |k: usize| -> Vec<f32> {
+                    (0..n)
+                        .map(|i| ((i * 13 + k * 7) % 17) as f32 / 8.0 - 1.0)
+                        .collect()
+                };
+                let (s, base, x) = (row(0), row(1), [row(2), row(3), row(4), row(5)]);
+                let c = [0.5f32, -1.25, 2.0, 0.75];
+                let terms = [
+                    (c[0], &x[0][..]),
+                    (c[1], &x[1][..]),
+                    (c[2], &x[2][..]),
+                    (c[3], &x[3][..]),
+                ];
+                let mut out = vec![f32::NAN; n];
+                f32::sigmoid_grad(level, &mut out, &s, &terms, &base);
+                for i in 0..n {
+                    let lin: f64 =
+                        base[i] as f64 + (0..4).map(|t| c[t] as f64 * x[t][i] as f64).sum::<f64>();
+                    let want = lin * s[i] as f64 * (1.0 - s[i] as f64);
+                    assert!(
+                        (out[i] as f64 - want).abs() <= 1e-5,
+                        "{level:?} n={n} i={i}"
+                    );
+                }
+            }
         }
     }
 
