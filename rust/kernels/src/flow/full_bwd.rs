@@ -112,6 +112,7 @@ impl<E: Element> Head<'_, E> {
         b.dih.resize(nrows, E::Acc::ZERO);
         b.blk.resize(CHUNK * dp.max(vp), E::Acc::ZERO);
         let mut ds = vec![E::Acc::ZERO; d * vp];
+        let mut dwk = vec![E::Acc::ZERO; d];
         for i0 in (0..nrows).step_by(CHUNK) {
             let nb = CHUNK.min(nrows - i0);
             self.rows(gr.dout, self.qrow0 + r.qa + i0, nb, dv, &mut b.g);
@@ -122,26 +123,27 @@ impl<E: Element> Head<'_, E> {
                 b.daq[(i0 + t) * d..(i0 + t + 1) * d].copy_from_slice(&b.blk[t * dp..t * dp + d]);
             }
             // aq rows of the block, then dS += aqᵀ dout
-            sg.vb.clear();
-            for t in 0..nb {
-                let i = i0 + t;
-                let f = b.a[i] * sg.inv[i];
-                sg.vb
-                    .extend(sg.qs[i * d..(i + 1) * d].iter().map(|&x| f * x));
+            fit(&mut sg.vb, nb * d);
+            sg.vb.copy_from_slice(&sg.qs[i0 * d..(i0 + nb) * d]);
+            for (t, row) in sg.vb.chunks_exact_mut(d).enumerate() {
+                E::Acc::scale(level, row, b.a[i0 + t] * sg.inv[i0 + t]);
             }
             let bps = pack_n(&b.g, dv, nb, dv, &mut b.bg);
             mm(
                 level, d, nb, &sg.vb, 1, d, &b.bg, bps, dv, &mut ds, vp, true,
             );
+            // dWk's part from these rows while they are in L1
+            for i in i0..i0 + nb {
+                let qi = &sg.qs[i * d..(i + 1) * d];
+                let daqq = crate::linear::core::vdot(level, &b.daq[i * d..(i + 1) * d], qi);
+                b.daqq[i] = daqq;
+                b.dih[i] = sg.inv[i] * daqq * b.a[i] * (one - b.a[i]) * z.ratio;
+            }
+            let qc = &sg.qs[i0 * d..(i0 + nb) * d];
+            E::Acc::axpy_rows(level, &mut dwk, &b.dih[i0..i0 + nb], qc, d);
         }
-        for i in 0..nrows {
-            let qi = &sg.qs[i * d..(i + 1) * d];
-            let daqq = crate::linear::core::vdot(level, &b.daq[i * d..(i + 1) * d], qi);
-            b.daqq[i] = daqq;
-            b.dih[i] = sg.inv[i] * daqq * b.a[i] * (one - b.a[i]) * z.ratio;
-        }
-        let mut dwk = vec![E::Acc::ZERO; d];
-        axpy_rows_eps(level, &mut dwk, &b.dih, &sg.qs, eps);
+        let sdih = b.dih.iter().fold(E::Acc::ZERO, |a, &x| a + x);
+        dwk.iter_mut().for_each(|v| *v += eps * sdih);
         (ds, dwk)
     }
 
@@ -167,22 +169,22 @@ impl<E: Element> Head<'_, E> {
         pooled(&mut b.dkc, mrows * d);
         b.blk.resize(CHUNK * dp.max(vp), E::Acc::ZERO);
         let mut s_cdc = E::Acc::ZERO;
+        // dWq's two parts (gated by the clamp) and the outflow chain's dsq, each summed a
+        // chunk at a time while its key rows are in L1
+        let (mut p1, mut p2, mut dsq) = (
+            vec![E::Acc::ZERO; d],
+            vec![E::Acc::ZERO; d],
+            vec![E::Acc::ZERO; d],
+        );
+        let (mut sp1, mut sp2, mut sdsq) = (E::Acc::ZERO, E::Acc::ZERO, E::Acc::ZERO);
+        b.dino.clear();
+        b.dino.resize(mrows, E::Acc::ZERO);
         for j0 in (0..mrows).step_by(CHUNK) {
             let nb = CHUNK.min(mrows - j0);
+            let kc = &sg.ks[j0 * d..(j0 + nb) * d];
             self.rows(self.v, self.krow0 + r.ka + j0, nb, dv, &mut sg.vb);
             mm(
-                level,
-                nb,
-                d,
-                &sg.ks[j0 * d..],
-                d,
-                1,
-                bds,
-                bdsps,
-                dv,
-                &mut b.blk,
-                vp,
-                false,
+                level, nb, d, kc, d, 1, bds, bdsps, dv, &mut b.blk, vp, false,
             );
             for t in 0..nb {
                 let j = j0 + t;
@@ -192,11 +194,12 @@ impl<E: Element> Head<'_, E> {
                 let dc = crate::linear::core::vdot(level, dvc, vrow);
                 b.dc[j] = dc;
                 s_cdc += c * dc;
-                vrow.iter_mut().for_each(|x| *x *= c);
+                E::Acc::scale(level, vrow, c);
+                fit(&mut b.g, dv);
+                b.g.copy_from_slice(dvc);
+                E::Acc::scale(level, &mut b.g, c);
                 // SAFETY: key rows of head `h` in this segment belong to this call alone.
                 let dst = unsafe { gr.dv.slice(self.row_off(self.krow0, r.ka + j, dv), dv) };
-                b.g.clear();
-                b.g.extend(dvc.iter().map(|&x| c * x));
                 E::from_acc_slice(&b.g, dst);
             }
             mm(
@@ -205,32 +208,33 @@ impl<E: Element> Head<'_, E> {
             for t in 0..nb {
                 b.dkc[(j0 + t) * d..(j0 + t + 1) * d].copy_from_slice(&b.blk[t * dp..t * dp + d]);
             }
+            b.g.clear();
+            b.g.extend((j0..j0 + nb).map(|j| {
+                let gate = sg.ohr[j] >= -one && sg.ohr[j] <= one;
+                if gate {
+                    z.cscale * b.e[j]
+                } else {
+                    E::Acc::ZERO
+                }
+            }));
+            E::Acc::axpy_rows(level, &mut p2, &b.g, kc, d);
+            sp2 += b.g.iter().fold(E::Acc::ZERO, |a, &x| a + x);
+            b.g.iter_mut()
+                .zip(&b.dc[j0..j0 + nb])
+                .for_each(|(g, &dc)| *g *= dc);
+            E::Acc::axpy_rows(level, &mut p1, &b.g, kc, d);
+            sp1 += b.g.iter().fold(E::Acc::ZERO, |a, &x| a + x);
+            let dino = &mut b.dino[j0..j0 + nb];
+            E::Acc::dot_rows(level, kc, d, dwk, dino);
+            dino.iter_mut()
+                .zip(&b.o[j0..j0 + nb])
+                .for_each(|(x, &o)| *x = -*x * o * o);
+            E::Acc::axpy_rows(level, &mut dsq, dino, kc, d);
+            sdsq += dino.iter().fold(E::Acc::ZERO, |a, &x| a + x);
         }
-        // dWq's two parts, gated by the clamp
-        b.g.clear();
-        b.g.extend((0..mrows).map(|j| {
-            let gate = sg.ohr[j] >= -one && sg.ohr[j] <= one;
-            if gate {
-                z.cscale * b.e[j]
-            } else {
-                E::Acc::ZERO
-            }
-        }));
-        let mut p2 = vec![E::Acc::ZERO; d];
-        axpy_rows_eps(level, &mut p2, &b.g, &sg.ks, eps);
-        b.g.iter_mut().zip(&b.dc).for_each(|(g, &dc)| *g *= dc);
-        let mut p1 = vec![E::Acc::ZERO; d];
-        axpy_rows_eps(level, &mut p1, &b.g, &sg.ks, eps);
-        // outflow chain
-        b.dino.clear();
-        b.dino.resize(mrows, E::Acc::ZERO);
-        E::Acc::dot_rows(level, &sg.ks, d, dwk, &mut b.dino);
-        b.dino
-            .iter_mut()
-            .zip(&b.o)
-            .for_each(|(x, &o)| *x = -*x * o * o);
-        let mut dsq = vec![E::Acc::ZERO; d];
-        axpy_rows_eps(level, &mut dsq, &b.dino, &sg.ks, eps);
+        for (y, sp) in [(&mut p1, sp1), (&mut p2, sp2), (&mut dsq, sdsq)] {
+            y.iter_mut().for_each(|v| *v += eps * sp);
+        }
         (s_cdc, [dsq, p1, p2])
     }
 
