@@ -194,20 +194,22 @@ impl<E: Element> Head<'_, E> {
         let vp = round_up_nr(dv);
         let mrows = r.kb - r.ka;
         let log2e = E::Acc::from_f64(std::f64::consts::LOG2_E);
-        sg.t.clear();
-        sg.t.resize(mrows, E::Acc::ZERO);
-        E::Acc::dot_rows(level, &sg.ks, d, nwq, &mut sg.t);
-        sg.t.iter_mut().for_each(|x| *x += eps * swq);
-        sg.ohr.clear();
-        sg.ohr.extend_from_slice(&sg.t);
-        sg.t.iter_mut().for_each(|x| *x = clamp1(*x) * log2e);
-        let total = E::Acc::exp2_sub_sum(level, &mut sg.t, log2e);
+        fit(&mut sg.t, mrows);
+        fit(&mut sg.ohr, mrows);
+        let mut total = E::Acc::ZERO;
         let mut s = vec![E::Acc::ZERO; d * vp];
         for j0 in (0..mrows).step_by(CHUNK) {
             let nb = CHUNK.min(mrows - j0);
+            // the logits of these rows while they are in L1
+            let t = &mut sg.t[j0..j0 + nb];
+            E::Acc::dot_rows(level, &sg.ks[j0 * d..(j0 + nb) * d], d, nwq, t);
+            t.iter_mut().for_each(|x| *x += eps * swq);
+            sg.ohr[j0..j0 + nb].copy_from_slice(t);
+            t.iter_mut().for_each(|x| *x = clamp1(*x) * log2e);
+            total += E::Acc::exp2_sub_sum(level, t, log2e);
             self.rows(self.v, self.krow0 + r.ka + j0, nb, dv, &mut sg.vb);
             for (row, &e) in sg.vb.chunks_exact_mut(dv).zip(&sg.t[j0..j0 + nb]) {
-                row.iter_mut().for_each(|x| *x *= e);
+                E::Acc::scale(level, row, e);
             }
             let bps = pack_n(&sg.vb, dv, nb, dv, &mut sg.bv);
             mm(
@@ -244,16 +246,16 @@ impl<E: Element> Head<'_, E> {
         let (level, d, dv, eps) = (self.level, self.d, self.dv, self.eps);
         let vp = round_up_nr(dv);
         let nrows = r.qb - r.qa;
-        sg.t.clear();
-        sg.t.resize(nrows, E::Acc::ZERO);
-        E::Acc::dot_rows(level, &sg.qs, d, nwk, &mut sg.t);
-        for (i, row) in sg.qs.chunks_exact_mut(d).enumerate() {
-            let f = sigmoid((sg.t[i] + eps * swk) * ratio) * sg.inv[i] * cscale;
-            row.iter_mut().for_each(|x| *x *= f);
-        }
+        fit(&mut sg.t, CHUNK);
         sg.o.resize(CHUNK * vp, E::Acc::ZERO);
         for i0 in (0..nrows).step_by(CHUNK) {
             let nb = CHUNK.min(nrows - i0);
+            let qc = &mut sg.qs[i0 * d..(i0 + nb) * d];
+            E::Acc::dot_rows(level, qc, d, nwk, &mut sg.t[..nb]);
+            for (t, row) in qc.chunks_exact_mut(d).enumerate() {
+                let f = sigmoid((sg.t[t] + eps * swk) * ratio) * sg.inv[i0 + t] * cscale;
+                E::Acc::scale(level, row, f);
+            }
             mm(
                 level,
                 nb,
