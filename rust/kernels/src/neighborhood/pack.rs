@@ -6,6 +6,7 @@
 use crate::element::{Acc, Element};
 use crate::gemm::{panels, round_up_nr, NR};
 use crate::simd::Level;
+#[cfg(target_arch = "x86_64")]
 use std::any::TypeId;
 
 /// Rows of one head of a heads-last tensor: row `i` is position `pos[i]` of batch `b`.
@@ -67,6 +68,7 @@ impl<E: Element> Rows<'_, E> {
         Some(self.src.as_ptr() as *const f32)
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn off(&self, i: usize) -> usize {
         ((self.b * self.n + self.pos[i]) * self.heads + self.h) * self.w

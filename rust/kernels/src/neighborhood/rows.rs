@@ -9,6 +9,7 @@
 
 use crate::element::Acc;
 use crate::simd::Level;
+#[cfg(target_arch = "x86_64")]
 use std::any::TypeId;
 
 /// Bit `j` of a little-endian bitset.

@@ -15,6 +15,7 @@ use super::Level;
 /// `2^f ≈ Σ c_k f^k` on `[-1/2, 1/2]`, fitted for minimal relative error (7.5e-8 in exact
 /// arithmetic), lowest order first.
 #[allow(clippy::excessive_precision)]
+#[cfg(target_arch = "x86_64")]
 const EXP2_POLY: [f32; 6] = [
     1.000_000_1,
     0.693_146_94,
