@@ -12,7 +12,7 @@
 //! The softmax over `C` uses the fixed shift 1 instead of the row maximum: its inputs are
 //! clamped to `[-1, 1]`, so `exp(x - 1)` lies in `[e⁻², 1]` and cannot overflow.
 
-use super::{clamp1, sigmoid, sigmoid_rows, FlowDims};
+use super::{clamp1, sigmoid, FlowDims};
 use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::round_up_nr;
@@ -142,7 +142,7 @@ impl<E: Element> Head<'_, E> {
         let ones = [E::Acc::ONE; BLOCK];
         for (b, blk) in dst.chunks_mut(BLOCK * d.max(1)).enumerate() {
             gather_into(src, row0 + b * BLOCK, self.heads, self.h, d, blk);
-            sigmoid_rows(level, blk);
+            E::Acc::sigmoid(level, blk);
             E::Acc::axpy_rows(level, &mut s, &ones[..blk.len() / d], blk, d);
         }
         s

@@ -140,10 +140,8 @@ impl<E: Element> Head<'_, E> {
                 b.dih[i] = sg.inv[i] * daqq * b.a[i] * (one - b.a[i]) * z.ratio;
             }
             let qc = &sg.qs[i0 * d..(i0 + nb) * d];
-            E::Acc::axpy_rows(level, &mut dwk, &b.dih[i0..i0 + nb], qc, d);
+            axpy_rows_eps(level, &mut dwk, &b.dih[i0..i0 + nb], qc, eps);
         }
-        let sdih = b.dih.iter().fold(E::Acc::ZERO, |a, &x| a + x);
-        dwk.iter_mut().for_each(|v| *v += eps * sdih);
         (ds, dwk)
     }
 
@@ -176,7 +174,6 @@ impl<E: Element> Head<'_, E> {
             vec![E::Acc::ZERO; d],
             vec![E::Acc::ZERO; d],
         );
-        let (mut sp1, mut sp2, mut sdsq) = (E::Acc::ZERO, E::Acc::ZERO, E::Acc::ZERO);
         b.dino.clear();
         b.dino.resize(mrows, E::Acc::ZERO);
         for j0 in (0..mrows).step_by(CHUNK) {
@@ -217,23 +214,17 @@ impl<E: Element> Head<'_, E> {
                     E::Acc::ZERO
                 }
             }));
-            E::Acc::axpy_rows(level, &mut p2, &b.g, kc, d);
-            sp2 += b.g.iter().fold(E::Acc::ZERO, |a, &x| a + x);
+            axpy_rows_eps(level, &mut p2, &b.g, kc, eps);
             b.g.iter_mut()
                 .zip(&b.dc[j0..j0 + nb])
                 .for_each(|(g, &dc)| *g *= dc);
-            E::Acc::axpy_rows(level, &mut p1, &b.g, kc, d);
-            sp1 += b.g.iter().fold(E::Acc::ZERO, |a, &x| a + x);
+            axpy_rows_eps(level, &mut p1, &b.g, kc, eps);
             let dino = &mut b.dino[j0..j0 + nb];
             E::Acc::dot_rows(level, kc, d, dwk, dino);
             dino.iter_mut()
                 .zip(&b.o[j0..j0 + nb])
                 .for_each(|(x, &o)| *x = -*x * o * o);
-            E::Acc::axpy_rows(level, &mut dsq, dino, kc, d);
-            sdsq += dino.iter().fold(E::Acc::ZERO, |a, &x| a + x);
-        }
-        for (y, sp) in [(&mut p1, sp1), (&mut p2, sp2), (&mut dsq, sdsq)] {
-            y.iter_mut().for_each(|v| *v += eps * sp);
+            axpy_rows_eps(level, &mut dsq, dino, kc, eps);
         }
         (s_cdc, [dsq, p1, p2])
     }

@@ -16,6 +16,7 @@ use crate::error::{check_len, KernelError};
 use crate::linear::core::{axpy, vdot, Core, Ws};
 use crate::linear::{gather, scatter, SharedMut, SEGMENT};
 use crate::per_thread::PerThread;
+use crate::simd::math::VecMath;
 use crate::simd::{self, Level};
 use rayon::prelude::*;
 
@@ -103,11 +104,6 @@ impl<A: Acc> Scratch<A> {
 #[inline]
 fn sigmoid<A: Acc>(x: A) -> A {
     A::ONE / (A::ONE + (-x).exp())
-}
-
-/// `x = sigmoid(x)` with the vector exp.
-fn sigmoid_rows<A: Acc>(level: Level, x: &mut [A]) {
-    A::sigmoid(level, x);
 }
 
 fn sum<A: Acc>(x: &[A]) -> A {
@@ -530,9 +526,9 @@ pub fn forward<E: Element>(
                 for start in (0..n).step_by(SEGMENT) {
                     let sl = SEGMENT.min(n - start);
                     gather(q, b * n + start, sl, h, hh, dk, &mut sc.qs);
-                    sigmoid_rows(level, &mut sc.qs);
+                    E::Acc::sigmoid(level, &mut sc.qs);
                     gather(k, b * n + start, sl, h, hh, dk, &mut sc.ks);
-                    sigmoid_rows(level, &mut sc.ks);
+                    E::Acc::sigmoid(level, &mut sc.ks);
                     gather(v, b * n + start, sl, h, hh, dv, &mut sc.v);
                     sc.prep_causal(level, &mut run, sl, dk, dv, e, false);
                     zeros(&mut sc.out, sl * dv);
@@ -610,9 +606,9 @@ pub fn backward<E: Element>(
             || Scratch::new(n.max(m), dk, dv),
             |sc| {
                 gather(q, b * n, n, h, hh, dk, &mut sc.qs);
-                sigmoid_rows(level, &mut sc.qs);
+                E::Acc::sigmoid(level, &mut sc.qs);
                 gather(k, b * m, m, h, hh, dk, &mut sc.ks);
-                sigmoid_rows(level, &mut sc.ks);
+                E::Acc::sigmoid(level, &mut sc.ks);
                 gather(v, b * m, m, h, hh, dv, &mut sc.v);
                 gather(dout, b * n, n, h, hh, dv, &mut sc.g);
                 if causal {
