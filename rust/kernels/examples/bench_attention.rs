@@ -5,6 +5,9 @@
 //! Prints the best of several runs (the machine is shared, so the minimum is the signal).
 //! Compare with `examples/torch_sdpa_times.py`.
 
+#[global_allocator]
+static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::alloc::CacheLineAligned;
+
 use fastattn_kernels::attention::{backward, forward, AttnDims};
 use fastattn_kernels::Element;
 use half::{bf16, f16};

@@ -5,6 +5,9 @@
 //! Prints the best of several runs. GFLOP/s counts the 4·T·D·Dv of the two state GEMMs
 //! (backward: 2.5× that).
 
+#[global_allocator]
+static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::alloc::CacheLineAligned;
+
 use fastattn_kernels::flow::{backward, forward, FlowDims};
 use std::time::Instant;
 

@@ -5,6 +5,9 @@
 //! Prints the best of several runs; GFLOP/s counts `T·(4·D·Dv + 64·2·D)` per head as the
 //! table does (backward: 2.5× that).
 
+#[global_allocator]
+static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::alloc::CacheLineAligned;
+
 use fastattn_kernels::linear::{backward, forward, FeatureMap, LinearDims, LinearOpts};
 use std::time::Instant;
 

@@ -4,6 +4,9 @@
 //! Prints the best of several runs. Useful FLOPs of a forward: `4·B·H·N·prod(k)·D`; the
 //! forward+backward figure counts 3.5× that (2 GEMMs forward, 5 backward).
 
+#[global_allocator]
+static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::alloc::CacheLineAligned;
+
 use fastattn_kernels::neighborhood::{backward, forward, NaDims, NaParams};
 use std::time::Instant;
 

@@ -11,6 +11,11 @@
 //! * [`per_thread`]: per-worker scratch for rayon loops; [`buffer_pool`]: large buffers
 //!   reused across calls.
 
+pub mod alloc;
+// The unit tests run on the allocator the shipped extension and the examples install.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: alloc::CacheLineAligned = alloc::CacheLineAligned;
 pub mod attention;
 pub mod buffer_pool;
 pub mod element;

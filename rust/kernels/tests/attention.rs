@@ -3,6 +3,9 @@
 
 #![allow(clippy::needless_range_loop)] // the reference spells the formulas out
 
+#[global_allocator]
+static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::alloc::CacheLineAligned;
+
 use fastattn_kernels::attention::{backward, forward, AttnDims};
 use fastattn_kernels::simd::{self, Level};
 use fastattn_kernels::{Element, KernelError};

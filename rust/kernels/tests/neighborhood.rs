@@ -3,6 +3,9 @@
 
 #![allow(clippy::needless_range_loop)]
 
+#[global_allocator]
+static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::alloc::CacheLineAligned;
+
 use fastattn_kernels::neighborhood::{backward, forward, window, NaDims, NaParams};
 use fastattn_kernels::simd::{self, Level};
 use fastattn_kernels::{Element, KernelError};

@@ -12,6 +12,10 @@ mod runtime;
 
 use pyo3::prelude::*;
 
+/// Cache-line-aligned heap blocks for the kernels' scratch (see `fastattn_kernels::alloc`).
+#[global_allocator]
+static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::alloc::CacheLineAligned;
+
 #[pymodule]
 fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     runtime::register(m)?;
