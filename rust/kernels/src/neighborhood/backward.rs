@@ -1,4 +1,5 @@
-//! Backward pass: one task per (query tile, batch, kv head), recomputing `P` from the saved
+//! Backward pass (small 2-D windows go to `super::lanes_bwd` instead): one task per (query
+//! tile, batch, kv head), recomputing `P` from the saved
 //! lse one key panel at a time. A task owns dQ of its queries (every q head of its kv head).
 //! dK / dV of its key box are summed over those heads, then added into one shared
 //! accumulator: tiles run in colour phases in which same-coloured tiles have disjoint key
@@ -141,6 +142,11 @@ pub(super) fn run<E: Element>(
     dak: &mut [E],
     dav: &mut [E],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if super::lanes_bwd::applies::<E>(level, dims, geo) {
+        super::lanes_bwd::run(dims, geo, scale, q, k, v, out, dout, lse, dq, dk, dv);
+        return;
+    }
     let (batch, hq, hkv, d, dvd, na) = (
         dims.batch,
         dims.q_heads,

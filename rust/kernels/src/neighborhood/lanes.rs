@@ -32,7 +32,7 @@ const MAX_LINE_KERNEL: usize = 16;
 /// / value vector loaded feeds every line whose window holds it. With one or two lines a
 /// pass issues about as many (mostly cache-line-splitting) loads as FMAs; four measured
 /// 5–10% faster than two on k = 7 and k = 11 forwards.
-const LINES: usize = 4;
+pub(super) const LINES: usize = 4;
 /// Shortest line taken here: shorter lines leave most lanes idle.
 const MIN_LINE: usize = 12;
 /// Most query positions per task: a band of lines whose key lines are transposed together
@@ -73,17 +73,17 @@ struct Scratch {
 }
 
 /// Rows of one head of a heads-last tensor, as f32 (converted through `tmp` when needed).
-struct Src<'a, E> {
-    src: &'a [E],
-    heads: usize,
-    h: usize,
-    w: usize,
+pub(super) struct Src<'a, E> {
+    pub(super) src: &'a [E],
+    pub(super) heads: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
 }
 
 impl<E: Element> Src<'_, E> {
     /// Pointers to the rows at flattened positions `pos` (of batch entry `b`) as f32: in
     /// place for f32 storage, else converted into `tmp[i·w ..]`.
-    fn rows(
+    pub(super) fn rows(
         &self,
         b: usize,
         n: usize,
@@ -220,22 +220,22 @@ fn bands_per_group(n0: [usize; 2], tasks: usize, threads: usize) -> usize {
 }
 
 /// One task's rows: group `g`, group rows `y.0..y.1`, batch entry `b`.
-struct Band<'a> {
-    geo: &'a Geo,
-    g: [usize; 3],
-    y: (usize, usize),
-    b: usize,
-    n: usize,
+pub(super) struct Band<'a> {
+    pub(super) geo: &'a Geo,
+    pub(super) g: [usize; 3],
+    pub(super) y: (usize, usize),
+    pub(super) b: usize,
+    pub(super) n: usize,
     /// Value head dim.
-    dv: usize,
+    pub(super) dv: usize,
 }
 
 impl Band<'_> {
-    fn len(&self, dim: usize) -> usize {
+    pub(super) fn len(&self, dim: usize) -> usize {
         self.geo.group_len(dim, self.g[dim])
     }
 
-    fn win(&self, dim: usize, i: usize) -> (usize, usize) {
+    pub(super) fn win(&self, dim: usize, i: usize) -> (usize, usize) {
         let geo = self.geo;
         group_window(i, self.len(dim), geo.k[dim], geo.s[dim], geo.c[dim])
     }
@@ -243,7 +243,7 @@ impl Band<'_> {
     /// Transposes line `y` of `src` into `dst[c·xp + x]` (times `scale`); columns from
     /// the line's end to the last block's end, and `k2` after it, are zero.
     #[allow(clippy::too_many_arguments)]
-    fn transpose_line<E: Element>(
+    pub(super) fn transpose_line<E: Element>(
         &self,
         src: &Src<'_, E>,
         y: usize,
@@ -404,23 +404,23 @@ impl Band<'_> {
 }
 
 /// The lanes of one block of queries `x0 .. x0 + nl` of a line.
-struct Block {
-    nl: usize,
+pub(super) struct Block {
+    pub(super) nl: usize,
     /// First key column read (window start of lane 0).
-    base: usize,
+    pub(super) base: usize,
     /// Lane `l` reads column `base + idx[l] + dx`.
-    idx: [u32; 16],
+    pub(super) idx: [u32; 16],
     /// Whether `idx` is the identity (no permute needed).
-    plain: bool,
+    pub(super) plain: bool,
     /// Per window column `dx`, the lanes whose window holds it (causal windows are short
     /// near the start).
-    mask: [u16; MAX_KEYS],
+    pub(super) mask: [u16; MAX_KEYS],
     /// Whether every lane holds every column.
-    full: bool,
+    pub(super) full: bool,
 }
 
 impl Block {
-    fn new(band: &Band<'_>, x0: usize, k2: usize) -> Self {
+    pub(super) fn new(band: &Band<'_>, x0: usize, k2: usize) -> Self {
         let nx = band.len(2);
         let nl = (nx - x0).min(16);
         let wins: [(usize, usize); 16] = std::array::from_fn(|l| band.win(2, x0 + l.min(nl - 1)));
@@ -446,7 +446,27 @@ impl Block {
     }
 }
 
-mod x86 {
+pub(super) mod x86 {
+    /// Calls macro `$m` with every `(first, count)` range of the [`LINES`] lines, for
+    /// dispatch to code generic in both.
+    macro_rules! line_ranges {
+        ($m:ident) => {
+            $m!(
+                (0, 1),
+                (0, 2),
+                (0, 3),
+                (0, 4),
+                (1, 1),
+                (1, 2),
+                (1, 3),
+                (2, 1),
+                (2, 2),
+                (3, 1)
+            )
+        };
+    }
+    pub(in crate::neighborhood) use line_ranges;
+
     use super::{Block, LINES};
     use crate::neighborhood::pack::transpose16;
     use crate::simd::math::x86_avx512::exp2v_masked;
@@ -492,7 +512,12 @@ mod x86 {
     /// # Safety
     /// AVX-512F; `dst[..nl]` valid for `w` writes each.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn untranspose(o: &[f32], w: usize, dst: &[*mut f32; 16], nl: usize) {
+    pub(in crate::neighborhood) unsafe fn untranspose(
+        o: &[f32],
+        w: usize,
+        dst: &[*mut f32; 16],
+        nl: usize,
+    ) {
         assert!(o.len() >= w.next_multiple_of(16) * 16 && nl <= 16);
         let mut r = [_mm512_setzero_ps(); 16];
         let mut c0 = 0;
@@ -513,7 +538,7 @@ mod x86 {
     /// A key row (one transposed key line and its value line) and the lines whose windows
     /// hold it: `n` consecutive lines from `j0` (windows move monotonically, so they are
     /// consecutive), for which it is window row `at[i]` of line `j0 + i`.
-    pub(super) struct KeyRow {
+    pub(in crate::neighborhood) struct KeyRow {
         pub k: *const f32,
         pub v: *const f32,
         pub j0: usize,
@@ -538,7 +563,11 @@ mod x86 {
     #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores<const W: usize, const PERM: bool, const N: usize>(
+    pub(in crate::neighborhood) unsafe fn scores<
+        const W: usize,
+        const PERM: bool,
+        const N: usize,
+    >(
         q: [*const f32; LINES],
         k: *const f32,
         d: usize,
@@ -605,7 +634,7 @@ mod x86 {
     )]
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn pv<const C: usize, const PERM: bool, const L: usize>(
+    pub(in crate::neighborhood) unsafe fn pv<const C: usize, const PERM: bool, const L: usize>(
         rows: &[KeyRow],
         p: [*const f32; LINES],
         off: usize,
@@ -626,18 +655,7 @@ mod x86 {
                     }
                 };
             }
-            go!(
-                (0, 1),
-                (0, 2),
-                (0, 3),
-                (0, 4),
-                (1, 1),
-                (1, 2),
-                (1, 3),
-                (2, 1),
-                (2, 2),
-                (3, 1)
-            );
+            line_ranges!(go);
         }
         for (j, aj) in acc.iter().enumerate() {
             for (c, &a) in aj.iter().enumerate() {
@@ -653,12 +671,124 @@ mod x86 {
     }
 
     /// Window columns per score call: `k2` split into near-equal parts of at most `max`.
-    fn column_parts(k2: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    pub(in crate::neighborhood) fn column_parts(
+        k2: usize,
+        max: usize,
+    ) -> impl Iterator<Item = (usize, usize)> {
         let parts = k2.div_ceil(max);
         (0..parts).map(move |i| {
             let (a, b) = (i * k2 / parts, (i + 1) * k2 / parts);
             (a, b - a)
         })
+    }
+
+    /// Scores of every key row against its lines: `s_j[(at·k2 + dx)·16 + l]` for the rows'
+    /// lines `j`, with `key(row)` the transposed key lines and `q[j]` the lines' `d` rows.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::neighborhood) unsafe fn scores_rows(
+        rows: &[KeyRow],
+        key: impl Fn(&KeyRow) -> *const f32,
+        q: [*const f32; LINES],
+        sp: [*mut f32; LINES],
+        d: usize,
+        xp: usize,
+        k2: usize,
+        base: usize,
+        idx: __m512i,
+        perm: bool,
+    ) {
+        for row in rows {
+            let qq: [*const f32; LINES] = std::array::from_fn(|i| q[(row.j0 + i).min(LINES - 1)]);
+            for (c0, w) in column_parts(k2, max_width(row.n)) {
+                let kp = key(row).add(base + c0);
+                let ss: [*mut f32; LINES] = std::array::from_fn(|i| {
+                    if i < row.n {
+                        sp[row.j0 + i].add((row.at[i] * k2 + c0) * 16)
+                    } else {
+                        std::ptr::null_mut()
+                    }
+                });
+                macro_rules! call {
+                    ($($w:literal)*) => {
+                        match (w, perm, row.n) {
+                            $(
+                                ($w, false, 1) => scores::<$w, false, 1>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 1) => scores::<$w, true, 1>(qq, kp, d, xp, idx, ss),
+                                ($w, false, 2) => scores::<$w, false, 2>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 2) => scores::<$w, true, 2>(qq, kp, d, xp, idx, ss),
+                                ($w, false, 3) => scores::<$w, false, 3>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 3) => scores::<$w, true, 3>(qq, kp, d, xp, idx, ss),
+                                ($w, false, 4) => scores::<$w, false, 4>(qq, kp, d, xp, idx, ss),
+                                ($w, true, 4) => scores::<$w, true, 4>(qq, kp, d, xp, idx, ss),
+                            )*
+                            _ => unreachable!("score width {} for {} lines", w, row.n),
+                        }
+                    };
+                }
+                call!(1 2 3 4 5 6 7 8);
+            }
+        }
+    }
+
+    /// `o_j[c·16 + l] = Σ_rows Σ_dx p_j[(at·k2 + dx)·16 + l] · v[c·xp + base + idx[l] + dx]`
+    /// for the `nlines` lines and `dv` columns `c`, `v` each row's `v` lines.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::neighborhood) unsafe fn pv_rows(
+        rows: &[KeyRow],
+        nlines: usize,
+        pp: [*const f32; LINES],
+        dv: usize,
+        xp: usize,
+        k2: usize,
+        base: usize,
+        idx: __m512i,
+        perm: bool,
+        op: [*mut f32; LINES],
+    ) {
+        let mut c0 = 0;
+        while c0 < dv {
+            let left = dv - c0;
+            let oc: [*mut f32; LINES] = op.map(|p| p.wrapping_add(c0 * 16));
+            let off = base + c0 * xp;
+            // Value columns per pass: `nlines·C` accumulators, the lines' `p` vectors and a
+            // value vector stay within the 32 registers.
+            let step = match (nlines, left) {
+                (1, 16..) => 16,
+                (1..=3, 8..) => 8,
+                (_, 4..) => 4,
+                _ => 1,
+            };
+            macro_rules! call {
+                ($(($c:literal, $l:literal)),*) => {
+                    match (step, nlines, perm) {
+                        $(
+                            ($c, $l, false) => pv::<$c, false, $l>(rows, pp, off, k2, xp, idx, oc),
+                            ($c, $l, true) => pv::<$c, true, $l>(rows, pp, off, k2, xp, idx, oc),
+                        )*
+                        _ => unreachable!("{} value columns for {} lines", step, nlines),
+                    }
+                };
+            }
+            call!(
+                (16, 1),
+                (8, 1),
+                (4, 1),
+                (1, 1),
+                (8, 2),
+                (4, 2),
+                (1, 2),
+                (8, 3),
+                (4, 3),
+                (1, 3),
+                (4, 4),
+                (1, 4)
+            );
+            c0 += step;
+        }
     }
 
     /// One block of `nlines` consecutive lines: scores over the window rows × `k2`
@@ -701,37 +831,7 @@ mod x86 {
         let idx = _mm512_loadu_si512(blk.idx.as_ptr() as *const _);
         let perm = !blk.plain;
         let sp: [*mut f32; LINES] = std::array::from_fn(|j| s[j].as_mut_ptr());
-        for row in rows {
-            let qq: [*const f32; LINES] = std::array::from_fn(|i| q[(row.j0 + i).min(LINES - 1)]);
-            for (c0, w) in column_parts(k2, max_width(row.n)) {
-                let kp = row.k.add(blk.base + c0);
-                let ss: [*mut f32; LINES] = std::array::from_fn(|i| {
-                    if i < row.n {
-                        sp[row.j0 + i].add((row.at[i] * k2 + c0) * 16)
-                    } else {
-                        std::ptr::null_mut()
-                    }
-                });
-                macro_rules! call {
-                    ($($w:literal)*) => {
-                        match (w, perm, row.n) {
-                            $(
-                                ($w, false, 1) => scores::<$w, false, 1>(qq, kp, d, xp, idx, ss),
-                                ($w, true, 1) => scores::<$w, true, 1>(qq, kp, d, xp, idx, ss),
-                                ($w, false, 2) => scores::<$w, false, 2>(qq, kp, d, xp, idx, ss),
-                                ($w, true, 2) => scores::<$w, true, 2>(qq, kp, d, xp, idx, ss),
-                                ($w, false, 3) => scores::<$w, false, 3>(qq, kp, d, xp, idx, ss),
-                                ($w, true, 3) => scores::<$w, true, 3>(qq, kp, d, xp, idx, ss),
-                                ($w, false, 4) => scores::<$w, false, 4>(qq, kp, d, xp, idx, ss),
-                                ($w, true, 4) => scores::<$w, true, 4>(qq, kp, d, xp, idx, ss),
-                            )*
-                            _ => unreachable!("score width {} for {} lines", w, row.n),
-                        }
-                    };
-                }
-                call!(1 2 3 4 5 6 7 8);
-            }
-        }
+        scores_rows(rows, |r| r.k, q, sp, d, xp, k2, blk.base, idx, perm);
         // Softmax across the window, lane-wise.
         let mask = |t: usize| if blk.full { u16::MAX } else { blk.mask[t % k2] };
         let mut res = [([0f32; 16], [0f32; 16]); LINES];
@@ -753,46 +853,7 @@ mod x86 {
         }
         let op: [*mut f32; LINES] = std::array::from_fn(|j| o[j].as_mut_ptr());
         let pp: [*const f32; LINES] = sp.map(|p| p as *const f32);
-        let mut c0 = 0;
-        while c0 < dv {
-            let left = dv - c0;
-            let oc: [*mut f32; LINES] = op.map(|p| p.wrapping_add(c0 * 16));
-            let off = blk.base + c0 * xp;
-            // Value columns per pass: `nlines·C` accumulators, the lines' `p` vectors and a
-            // value vector stay within the 32 registers.
-            let step = match (nlines, left) {
-                (1, 16..) => 16,
-                (1..=3, 8..) => 8,
-                (_, 4..) => 4,
-                _ => 1,
-            };
-            macro_rules! call {
-                ($(($c:literal, $l:literal)),*) => {
-                    match (step, nlines, perm) {
-                        $(
-                            ($c, $l, false) => pv::<$c, false, $l>(rows, pp, off, k2, xp, idx, oc),
-                            ($c, $l, true) => pv::<$c, true, $l>(rows, pp, off, k2, xp, idx, oc),
-                        )*
-                        _ => unreachable!("{} value columns for {} lines", step, nlines),
-                    }
-                };
-            }
-            call!(
-                (16, 1),
-                (8, 1),
-                (4, 1),
-                (1, 1),
-                (8, 2),
-                (4, 2),
-                (1, 2),
-                (8, 3),
-                (4, 3),
-                (1, 3),
-                (4, 4),
-                (1, 4)
-            );
-            c0 += step;
-        }
+        pv_rows(rows, nlines, pp, dv, xp, k2, blk.base, idx, perm, op);
         for (j, r) in res.iter().enumerate().take(nlines) {
             let inv = _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_loadu_ps(r.1.as_ptr()));
             for c in 0..dv {

@@ -16,8 +16,10 @@
 //! Small 2-D windows (up to 16 keys along the line and 128 in all, stride 1 along
 //! the line, no additional keys) have a second forward for f32 accumulation at AVX-512,
 //! `lanes`: sixteen queries of a line in the SIMD lanes, one vector operation per window
-//! offset, so no score outside a window is computed. The backward is the tiled one for
-//! every call.
+//! offset, so no score outside a window is computed. Up to 7 × 7 windows, with a (batch,
+//! group, kv head) task for every thread, the backward runs in that layout too
+//! (`lanes_bwd`): query lines streamed in order, each key line's dK / dV summed once no
+//! later window holds it.
 //!
 //! Dilation: every dilation group (per dimension, the positions `g, g + d, g + 2d, …`) is its
 //! own sub-grid; tiles never mix groups, so they are dense within the group.
@@ -27,6 +29,8 @@ mod forward;
 // AVX-512 only: other targets always take the tiled path.
 #[cfg(target_arch = "x86_64")]
 mod lanes;
+#[cfg(target_arch = "x86_64")]
+mod lanes_bwd;
 mod pack;
 mod rows;
 #[cfg(test)]

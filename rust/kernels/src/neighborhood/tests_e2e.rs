@@ -353,6 +353,18 @@ fn lanes_path_matches_reference() {
             simd::available().contains(&simd::Level::Avx512),
             "case {ci}"
         );
+        // Its backward too, up to 7 × 7 windows (every case has a (batch, kv head) task per
+        // test thread).
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            super::lanes_bwd::applies::<f32>(
+                simd::Level::Avx512,
+                &c.dims,
+                &validate(&c.dims, &c.p).unwrap()
+            ),
+            simd::available().contains(&simd::Level::Avx512) && ci != 5,
+            "case {ci}"
+        );
         check_every_level(ci, c, 0x5851_F42D_4C95_7F2D + ci as u64);
     }
 }
