@@ -130,6 +130,12 @@ impl Plan {
             + self.cape * self.nx * (d + dv)
     }
 
+    /// Columns before / after a stored line that the key-centric sums read: key block `j0`
+    /// at window column `dx` reads query columns `j0 + a − dx ..` 16 on.
+    fn pads(&self) -> (usize, usize) {
+        (self.k2 - 1 - self.a, self.a)
+    }
+
     /// Whether key column `j` can take a contribution from a query whose window stopped
     /// moving (those windows start at 0 or end at the line's end).
     fn edge_col(&self, j: usize) -> bool {
@@ -403,6 +409,7 @@ unsafe fn lines<E: Element>(
     let (d, dv, nx, k2, xp) = (c.d, c.dv, plan.nx, plan.k2, plan.xp);
     let done = nx.next_multiple_of(16);
     let nkm = plan.nkmax;
+    let (left, right) = plan.pads();
     let qs = Src {
         src: c.q,
         heads: c.hq,
@@ -424,7 +431,8 @@ unsafe fn lines<E: Element>(
     let log2e = std::f32::consts::LOG2_E;
     for (j, &slot) in slots.iter().enumerate().take(nlines) {
         let y = y0 + j;
-        // Transposed Q (times scale·log2e) and dO, zero outside the line.
+        // Transposed Q (times scale·log2e) and dO, zero where the key-centric sums read
+        // outside the line (`Plan::pads`; the transpose zeroes `k2 > a` columns after it).
         for (buf, s, w, scale) in [(&mut sc.qt, &qs, d, c.qscale), (&mut sc.dot, &dos, dv, 1.0)] {
             let base = slot * w * xp;
             band.transpose_line(
@@ -436,9 +444,8 @@ unsafe fn lines<E: Element>(
                 &mut buf[base + LP..base + w * xp],
             );
             for ch in 0..w {
-                let r = base + ch * xp;
-                buf[r..r + LP].fill(0.0);
-                buf[r + LP + done + k2..r + xp].fill(0.0);
+                let r = base + ch * xp + LP;
+                buf[r - left..r].fill(0.0);
             }
         }
         // lse (base 2) and δ = O·dO per query; zero past the line's end.
@@ -623,13 +630,13 @@ unsafe fn lines<E: Element>(
             }
         }
     }
-    // Stored P / dS rows: zero outside the line.
+    // Stored P / dS rows: zero where the key-centric sums read outside the line.
     for j in 0..nlines {
         for t in 0..nk[j] {
             for base in [pl[j], dsl[j]] {
                 let r = base.add(t * xp);
-                std::slice::from_raw_parts_mut(r.sub(LP), LP).fill(0.0);
-                std::slice::from_raw_parts_mut(r.add(done), xp - LP - done).fill(0.0);
+                std::slice::from_raw_parts_mut(r.sub(left), left).fill(0.0);
+                std::slice::from_raw_parts_mut(r.add(done), right).fill(0.0);
             }
         }
     }
