@@ -13,7 +13,7 @@
 //! backward pass recomputes `P` from the saved lse and adds dK / dV of each box into one
 //! shared sum, in colour phases of tiles with disjoint boxes (`colours`).
 //!
-//! Small 2-D windows (up to 16 keys along the line and 128 in all, stride 1 along
+//! Small 2-D windows (up to 16 keys along the line and 256 in all, stride 1 along
 //! the line, no additional keys) have a second forward for f32 accumulation at AVX-512,
 //! `lanes`: sixteen queries of a line in the SIMD lanes, one vector operation per window
 //! offset, so no score outside a window is computed. Up to 7 × 7 windows, with a (batch,
