@@ -759,9 +759,12 @@ pub(super) mod x86 {
             let off = base + c0 * xp;
             // Value columns per pass: `nlines·C` accumulators, the lines' `p` vectors and a
             // value vector stay within the 32 registers.
+            // Four lines take six columns while no one-column passes are left over (64: 6·9
+            // + 6 + 4; 32: 6·3 + 6 + 4 + 4): a k = 13 D = 64 forward measured 6% faster.
             let step = match (nlines, left) {
                 (1, 16..) => 16,
                 (1..=3, 8..) => 8,
+                (4, 10..) | (4, 6) => 6,
                 (_, 4..) => 4,
                 _ => 1,
             };
@@ -787,6 +790,7 @@ pub(super) mod x86 {
                 (8, 3),
                 (4, 3),
                 (1, 3),
+                (6, 4),
                 (4, 4),
                 (1, 4)
             );
