@@ -38,11 +38,6 @@ const MAX_LINE_KERNEL: usize = 16;
 pub(super) const LINES: usize = 4;
 /// Shortest line taken here: shorter lines leave most lanes idle.
 const MIN_LINE: usize = 12;
-/// Most query positions per task: a band of lines whose key lines are transposed together
-/// (one kv head's transposed band, ~400 KB at 56 × 56 and head dim 32, stays in L2). Bands
-/// of 512 positions measured ~6% slower at 56 × 56 k = 7 (more key lines transposed twice,
-/// and seven bands for two threads).
-const BAND: usize = 1024;
 
 /// Whether the call runs here.
 pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> bool {
@@ -132,11 +127,12 @@ pub(super) fn run<E: Element>(
     let group = hq / hkv;
     let qscale = (scale * std::f64::consts::LOG2_E) as f32;
     // Bands: (group, first line, end line) (2-D: the leading internal dimension has length
-    // 1); every group's lines are split evenly into `nb` bands.
-    let n0 = [1, 2].map(|i| geo.group_len(i, 0));
+    // 1); every group's lines are split evenly into `nb` bands, as few as give every
+    // thread the same number of (band, batch entry, kv head) tasks.
+    let lines0 = geo.group_len(1, 0);
     let nb = bands_per_group(
-        n0,
-        geo.d[1] * geo.d[2] * batch,
+        lines0,
+        geo.d[1] * geo.d[2] * batch * hkv,
         rayon::current_num_threads(),
     );
     let mut bands = Vec::new();
@@ -150,26 +146,25 @@ pub(super) fn run<E: Element>(
             );
         }
     }
-    // Largest band's key lines × padded line length.
-    let kcap =
-        (n0[0].div_ceil(nb) + geo.k[1]).min(n0[0]) * (n0[1] + geo.k[2] + 15).next_multiple_of(16);
     let outp = SharedMut(out.as_mut_ptr());
     // SAFETY: `applies` checked that `E::Acc` is f32.
     let lse = unsafe { &mut *(lse as *mut [E::Acc] as *mut [f32]) };
     let lsep = SharedMut(lse.as_mut_ptr());
     let scratch = PerThread::new();
-    // A task takes every head of its band (as the tiled path takes every head of its
-    // tile): q heads sharing a kv head reuse its transposed keys / values.
-    (0..bands.len() * batch)
+    // A task streams its band's lines for the q heads of one kv head: each key / value line
+    // is transposed once (into a ring of the lines the current windows span) and serves
+    // every q head sharing it.
+    (0..bands.len() * batch * hkv)
         .into_par_iter()
         .with_max_len(1)
         .for_each(|task| {
-            let (g, y0, y1) = bands[task % bands.len()];
-            let bi = task / bands.len();
+            let kh = task % hkv;
+            let (g, y0, y1) = bands[(task / hkv) % bands.len()];
+            let bi = task / (hkv * bands.len());
             let init = || Scratch {
                 qt: Vec::new(),
-                kt: take_filled(kcap * d),
-                vt: take_filled(kcap * dv),
+                kt: take_filled(0),
+                vt: take_filled(0),
                 s: Vec::new(),
                 o: Vec::new(),
                 rows: Vec::new(),
@@ -183,40 +178,30 @@ pub(super) fn run<E: Element>(
                     n,
                     dv,
                 };
-                for h in 0..hq {
-                    let kh = h / group;
-                    let qs = Src {
-                        src: q,
-                        heads: hq,
-                        h,
-                        w: d,
-                    };
-                    let ks = Src {
-                        src: k,
-                        heads: hkv,
-                        h: kh,
-                        w: d,
-                    };
-                    let vs = Src {
-                        src: v,
-                        heads: hkv,
-                        h: kh,
-                        w: dv,
-                    };
-                    let kv = (h % group == 0).then_some((&ks, &vs));
-                    // SAFETY: this task alone writes its band's query rows.
-                    unsafe { ctx.run(sc, &qs, kv, qscale, outp, lsep, hq, h) };
-                }
+                let src = |t, heads, h, w| Src {
+                    src: t,
+                    heads,
+                    h,
+                    w,
+                };
+                let (ks, vs) = (src(k, hkv, kh, d), src(v, hkv, kh, dv));
+                let qs: Vec<Src<'_, E>> = (kh * group..(kh + 1) * group)
+                    .map(|h| src(q, hq, h, d))
+                    .collect();
+                // SAFETY: this task alone writes its band's query rows of these q heads.
+                unsafe { ctx.run(sc, &qs, (&ks, &vs), qscale, outp, lsep, hq) };
             })
         });
 }
 
-/// Bands per group for `n0 = [lines, line length]` of the largest group: the fewest of at
-/// most [`BAND`] positions, raised until the tasks split evenly across `threads`.
-fn bands_per_group(n0: [usize; 2], tasks: usize, threads: usize) -> usize {
-    let lines = n0[0].max(1);
-    let mut nb = lines.div_ceil((BAND / n0[1].max(1)).max(1));
-    while nb < lines && !(tasks * nb).is_multiple_of(threads.max(1)) {
+/// Bands per group of `lines` lines (the largest group's): the fewest that give every one
+/// of `threads` at least four tasks and the same number. (Two per thread measured 5–20%
+/// slower at 56 × 56 k = 7 and 64 × 64 k = 3, where one late worker delays the whole call;
+/// four equal at 64 × 64 k = 13, whose bands then transpose 12 extra key lines.)
+fn bands_per_group(lines: usize, tasks: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let mut nb = 1;
+    while nb < lines && (!(tasks * nb).is_multiple_of(threads) || tasks * nb < 4 * threads) {
         nb += 1;
     }
     nb
@@ -278,38 +263,37 @@ impl Band<'_> {
         }
     }
 
+    /// The band's lines for the q heads `qs` of one kv head `kv` (keys, values).
     #[allow(clippy::too_many_arguments)]
     unsafe fn run<E: Element>(
         &self,
         sc: &mut Scratch,
-        qs: &Src<'_, E>,
-        kv: Option<(&Src<'_, E>, &Src<'_, E>)>,
+        qs: &[Src<'_, E>],
+        kv: (&Src<'_, E>, &Src<'_, E>),
         qscale: f32,
         outp: SharedMut<E>,
         lsep: SharedMut<f32>,
         hq: usize,
-        h: usize,
     ) {
         let geo = self.geo;
-        let (d, dv) = (qs.w, self.dv);
+        let (d, dv) = (kv.0.w, self.dv);
         let nx = self.len(2);
         let k2 = geo.k[2];
         // Loads reach `start + dx + 15 < nx + k2 + 15` (causal windows near the end).
         let xp = (nx + k2 + 15).next_multiple_of(16);
-        // Key rows: the union of the band's windows (windows move monotonically).
-        let ky = (self.win(1, self.y.0).0, self.win(1, self.y.1 - 1).1);
-        let lines = ky.1 - ky.0;
-        // Transposed keys / values of the band, kept for the q heads sharing a kv head.
-        if let Some((ks, vs)) = kv {
-            sc.kt.resize(lines * d * xp, 0.0);
-            sc.vt.resize(lines * dv * xp, 0.0);
-            for bb in ky.0..ky.1 {
-                let li = bb - ky.0;
-                let kt = &mut sc.kt[li * d * xp..(li + 1) * d * xp];
-                self.transpose_line(ks, bb, 1.0, xp, &mut sc.rows, kt);
-                let vt = &mut sc.vt[li * dv * xp..(li + 1) * dv * xp];
-                self.transpose_line(vs, bb, 1.0, xp, &mut sc.rows, vt);
-            }
+        let steps = || (self.y.0..self.y.1).step_by(LINES);
+        let span = |y: usize| {
+            let last = (y + LINES).min(self.y.1) - 1;
+            (self.win(1, y).0, self.win(1, last).1)
+        };
+        // Key lines held: what one step's windows span (windows move monotonically, so a
+        // line older than the current step's first is not needed again).
+        let cap = steps().map(|y| span(y).1 - span(y).0).max().unwrap_or(1);
+        if sc.kt.len() < cap * d * xp {
+            sc.kt.resize(cap * d * xp, 0.0);
+        }
+        if sc.vt.len() < cap * dv * xp {
+            sc.vt.resize(cap * dv * xp, 0.0);
         }
         sc.qt.resize(LINES * d * xp, 0.0);
         let nkeys = geo.k.iter().product::<usize>();
@@ -325,12 +309,16 @@ impl Band<'_> {
             .map(|x0| Block::new(self, x0, k2))
             .collect();
         let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
-        let mut y = self.y.0;
-        while y < self.y.1 {
+        let mut knext = self.win(1, self.y.0).0;
+        for y in steps() {
             let nlines = LINES.min(self.y.1 - y);
-            for j in 0..nlines {
-                let dst = &mut qt[j * d * xp..(j + 1) * d * xp];
-                self.transpose_line(qs, y + j, qscale, xp, &mut sc.rows, dst);
+            while knext < span(y).1 {
+                let slot = knext % cap;
+                let kt = &mut sc.kt[slot * d * xp..(slot + 1) * d * xp];
+                self.transpose_line(kv.0, knext, 1.0, xp, &mut sc.rows, kt);
+                let vt = &mut sc.vt[slot * dv * xp..(slot + 1) * dv * xp];
+                self.transpose_line(kv.1, knext, 1.0, xp, &mut sc.rows, vt);
+                knext += 1;
             }
             let wins: [(usize, usize); LINES] =
                 std::array::from_fn(|j| self.win(1, y + j.min(nlines - 1)));
@@ -342,10 +330,10 @@ impl Band<'_> {
                     continue;
                 };
                 let n = 1 + inside.count();
-                let li = bb - ky.0;
+                let slot = bb % cap;
                 keyrows.push(x86::KeyRow {
-                    k: sc.kt.as_ptr().add(li * d * xp),
-                    v: sc.vt.as_ptr().add(li * dv * xp),
+                    k: sc.kt.as_ptr().add(slot * d * xp),
+                    v: sc.vt.as_ptr().add(slot * dv * xp),
                     j0,
                     n,
                     at: std::array::from_fn(|i| next[(j0 + i).min(LINES - 1)]),
@@ -354,53 +342,60 @@ impl Band<'_> {
                     *c += 1;
                 }
             }
-            for (bi, blk) in blocks.iter().enumerate() {
-                let x0 = 16 * bi;
-                let q = std::array::from_fn(|j| qt.as_ptr().add(j * d * xp + x0));
-                let mut s_it = sc.s.chunks_exact_mut(nkeys * 16);
-                let mut o_it = sc.o.chunks_exact_mut(osz);
-                let ml = x86::block(
-                    blk,
-                    q,
-                    nlines,
-                    &keyrows,
-                    d,
-                    dv,
-                    xp,
-                    k2,
-                    std::array::from_fn(|_| s_it.next().unwrap()),
-                    std::array::from_fn(|_| o_it.next().unwrap()),
-                );
-                for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
-                    // Rows out: `o[c][lane]` (already divided by l) transposed per lane,
-                    // straight into the output for f32, else converted from `rows`.
-                    let row = |lane: usize| {
-                        let pos = geo.pos(self.g, [0, y + j, x0 + lane]);
-                        (self.b * self.n + pos) * hq + h
-                    };
-                    sc.rows.resize(16 * dv, 0.0);
-                    let mut dst = [std::ptr::null_mut::<f32>(); 16];
-                    for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
-                        *p = if f32_out {
-                            outp.get().add(row(lane) * dv) as *mut f32
-                        } else {
-                            sc.rows.as_mut_ptr().add(lane * dv)
+            for qsh in qs {
+                let h = qsh.h;
+                for j in 0..nlines {
+                    let dst = &mut qt[j * d * xp..(j + 1) * d * xp];
+                    self.transpose_line(qsh, y + j, qscale, xp, &mut sc.rows, dst);
+                }
+                for (bi, blk) in blocks.iter().enumerate() {
+                    let x0 = 16 * bi;
+                    let q = std::array::from_fn(|j| qt.as_ptr().add(j * d * xp + x0));
+                    let mut s_it = sc.s.chunks_exact_mut(nkeys * 16);
+                    let mut o_it = sc.o.chunks_exact_mut(osz);
+                    let ml = x86::block(
+                        blk,
+                        q,
+                        nlines,
+                        &keyrows,
+                        d,
+                        dv,
+                        xp,
+                        k2,
+                        std::array::from_fn(|_| s_it.next().unwrap()),
+                        std::array::from_fn(|_| o_it.next().unwrap()),
+                    );
+                    for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
+                        // Rows out: `o[c][lane]` (already divided by l) transposed per
+                        // lane, straight into the output for f32, else converted from `rows`.
+                        let row = |lane: usize| {
+                            let pos = geo.pos(self.g, [0, y + j, x0 + lane]);
+                            (self.b * self.n + pos) * hq + h
                         };
-                    }
-                    x86::untranspose(&sc.o[j * osz..(j + 1) * osz], dv, &dst, blk.nl);
-                    for lane in 0..blk.nl {
-                        let r = row(lane);
-                        if !f32_out {
-                            let dst = std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
-                            let src = &sc.rows[lane * dv..(lane + 1) * dv];
-                            // SAFETY: `E::Acc` is f32.
-                            E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
+                        sc.rows.resize(16 * dv, 0.0);
+                        let mut dst = [std::ptr::null_mut::<f32>(); 16];
+                        for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
+                            *p = if f32_out {
+                                outp.get().add(row(lane) * dv) as *mut f32
+                            } else {
+                                sc.rows.as_mut_ptr().add(lane * dv)
+                            };
                         }
-                        *lsep.get().add(r) = m[lane] * ln2 + l[lane].ln();
+                        x86::untranspose(&sc.o[j * osz..(j + 1) * osz], dv, &dst, blk.nl);
+                        for lane in 0..blk.nl {
+                            let r = row(lane);
+                            if !f32_out {
+                                let dst =
+                                    std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
+                                let src = &sc.rows[lane * dv..(lane + 1) * dv];
+                                // SAFETY: `E::Acc` is f32.
+                                E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
+                            }
+                            *lsep.get().add(r) = m[lane] * ln2 + l[lane].ln();
+                        }
                     }
                 }
             }
-            y += nlines;
         }
         sc.qt = qt;
     }
