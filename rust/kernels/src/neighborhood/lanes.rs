@@ -4,15 +4,17 @@
 //!
 //! The tiled path computes a query tile against the box of keys its windows cover; at k = 7
 //! only about a third of those scores lie inside a window, and its GEMMs have inner
-//! dimension `head_dim`. Here the query, key and value lines of a band of rows are
-//! transposed once (`[dim][x]`), so for window offset `dx` the keys of lanes `x0..x0+16` are
+//! dimension `head_dim`. Here the query, key and value lines are transposed once
+//! (`[dim][x]`; keys and values into a ring of the lines the current windows span, see
+//! [`Band::run`]), so for window offset `dx` the keys of lanes `x0..x0+16` are
 //! one unaligned load at `start(x0) + dx`: no score outside a window is computed, the softmax
 //! is element-wise across the window's score vectors (no horizontal reductions, no online
 //! rescaling), and `P·V` accumulates `[dv][16]` in registers. At a line's edges NATTEN
 //! windows stop moving; there each load is permuted (`vpermps`) so lane `l` reads key
 //! `start(x0 + l) + dx`. Needs stride 1 along the line (neighbouring lanes' windows then
 //! start at most one key apart) and a 2-D input; other calls take the tiled path (see
-//! [`applies`]).
+//! [`applies`]). The score and `P·V` loops (`x86::scores_rows`, `x86::pv_rows`) also serve
+//! the backward of `super::lanes_bwd`.
 
 use super::{group_window, Geo, NaDims, SharedMut};
 use crate::buffer_pool::{take_filled, PoolVec};
@@ -22,10 +24,11 @@ use crate::simd::Level;
 use rayon::prelude::*;
 use std::any::TypeId;
 
-/// Largest window (keys per query) taken here: 16 × 16. Up to 13 × 13 this path measured
-/// 15–35% faster than the tiled one (64 × 64 k = 13 D = 32 / 64, 32 × 32 k = 13 D = 128,
-/// 48 × 48 k = 16 D = 32, 64 × 64 k = 15, 96 × 96 k = 13 dilation 2); a block's score
-/// vectors then outgrow L1, which cost less than the tiled path's skipped-box overhead.
+/// Largest window (keys per query) taken here: 16 × 16. Windows of 12 × 12 to 16 × 16
+/// measured 15–35% faster here than tiled (64 × 64 k = 13 D = 32 / 64, 32 × 32 k = 12 and
+/// k = 13 D = 128, 64 × 64 k = 15, 48 × 48 k = 16 D = 32, 96 × 96 k = 13 dilation 2): a
+/// block's score vectors then outgrow L1, which costs less than the tiled path's key-box
+/// waste.
 const MAX_KEYS: usize = 256;
 /// Longest window along the line taken here: wide windows waste little of the tiled path's
 /// key boxes, and cost this path an unaligned load per key (a 1-D k = 63 forward measured
