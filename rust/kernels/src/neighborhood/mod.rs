@@ -16,7 +16,7 @@
 //! Small 2-D windows (up to 16 keys along the line and 256 in all, stride 1 along
 //! the line, no additional keys) have a second forward for f32 accumulation at AVX-512,
 //! `lanes`: sixteen queries of a line in the SIMD lanes, one vector operation per window
-//! offset, so no score outside a window is computed. Up to 7 × 7 windows, with a (batch,
+//! offset, so no score outside a window is computed. Up to 8 × 8 windows, with a (batch,
 //! group, kv head) task for every thread, the backward runs in that layout too
 //! (`lanes_bwd`): query lines streamed in order, each key line's dK / dV summed once no
 //! later window holds it.
