@@ -81,7 +81,11 @@ pub(super) struct Src<'a, E> {
     pub(super) w: usize,
 }
 
-impl<E: Element> Src<'_, E> {
+impl<'a, E: Element> Src<'a, E> {
+    pub(super) fn new(src: &'a [E], heads: usize, h: usize, w: usize) -> Self {
+        Src { src, heads, h, w }
+    }
+
     /// Pointers to the rows at flattened positions `pos` (of batch entry `b`) as f32: in
     /// place for f32 storage, else converted into `tmp[i·w ..]`.
     pub(super) fn rows(
@@ -181,15 +185,9 @@ pub(super) fn run<E: Element>(
                     n,
                     dv,
                 };
-                let src = |t, heads, h, w| Src {
-                    src: t,
-                    heads,
-                    h,
-                    w,
-                };
-                let (ks, vs) = (src(k, hkv, kh, d), src(v, hkv, kh, dv));
+                let (ks, vs) = (Src::new(k, hkv, kh, d), Src::new(v, hkv, kh, dv));
                 let qs: Vec<Src<'_, E>> = (kh * group..(kh + 1) * group)
-                    .map(|h| src(q, hq, h, d))
+                    .map(|h| Src::new(q, hq, h, d))
                     .collect();
                 // SAFETY: this task alone writes its band's query rows of these q heads.
                 unsafe { ctx.run(sc, &qs, (&ks, &vs), qscale, outp, lsep, hq) };
@@ -224,6 +222,11 @@ pub(super) struct Band<'a> {
 impl Band<'_> {
     pub(super) fn len(&self, dim: usize) -> usize {
         self.geo.group_len(dim, self.g[dim])
+    }
+
+    /// Row index of group position `(y, x)` for head `h` of `heads`.
+    pub(super) fn row(&self, heads: usize, h: usize, y: usize, x: usize) -> usize {
+        (self.b * self.n + self.geo.pos(self.g, [0, y, x])) * heads + h
     }
 
     pub(super) fn win(&self, dim: usize, i: usize) -> (usize, usize) {
@@ -371,10 +374,7 @@ impl Band<'_> {
                     for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
                         // Rows out: `o[c][lane]` (already divided by l) transposed per
                         // lane, straight into the output for f32, else converted from `rows`.
-                        let row = |lane: usize| {
-                            let pos = geo.pos(self.g, [0, y + j, x0 + lane]);
-                            (self.b * self.n + pos) * hq + h
-                        };
+                        let row = |lane: usize| self.row(hq, h, y + j, x0 + lane);
                         sc.rows.resize(16 * dv, 0.0);
                         let mut dst = [std::ptr::null_mut::<f32>(); 16];
                         for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {

@@ -18,7 +18,9 @@ use super::lanes::{x86 as lx, Band, Block, Src, LINES};
 use super::{Geo, NaDims, SharedMut};
 use crate::buffer_pool::{take_filled, PoolVec};
 use crate::element::Element;
+use crate::linear::core::axpy;
 use crate::per_thread::PerThread;
+use crate::simd::math::VecMath;
 use crate::simd::Level;
 use rayon::prelude::*;
 
@@ -48,7 +50,12 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
         return false;
     }
     let group = dims.q_heads / dims.kv_heads;
-    largest_plan(dims, geo).floats(dims.head_dim, dims.v_head_dim, group) * 4 <= MAX_TASK_BYTES
+    largest_plan(dims, geo)
+        .rings(dims.head_dim, dims.v_head_dim, group)
+        .iter()
+        .sum::<usize>()
+        * 4
+        <= MAX_TASK_BYTES
 }
 
 /// The plan of group 0, the longest in every dimension.
@@ -125,10 +132,19 @@ impl Plan {
         wins.get(y + 1).map_or(wins.len(), |w| w.0)
     }
 
-    fn floats(&self, d: usize, dv: usize, group: usize) -> usize {
-        self.capq * group * (d + dv + 2 * self.nkmax) * self.xp
-            + self.capk * (d + dv) * self.xp
-            + self.cape * self.nx * (d + dv)
+    /// Lengths of the rings `kt, vt, qt, dot, p, ds, ek, ev` (see [`Scratch`]).
+    fn rings(&self, d: usize, dv: usize, group: usize) -> [usize; 8] {
+        let (q, xp) = (self.capq * group, self.xp);
+        [
+            self.capk * d * xp,
+            self.capk * dv * xp,
+            q * d * xp,
+            q * dv * xp,
+            q * self.nkmax * xp,
+            q * self.nkmax * xp,
+            self.cape * self.nx * d,
+            self.cape * self.nx * dv,
+        ]
     }
 
     /// Columns before / after a stored line that the key-centric sums read: key block `j0`
@@ -170,16 +186,16 @@ struct Scratch {
 impl Scratch {
     /// Rings sized for `plan` (group 0's, the largest).
     fn new(plan: &Plan, d: usize, dv: usize, group: usize) -> Self {
-        let xp = plan.xp;
+        let [kt, vt, qt, dot, p, ds, ek, ev] = plan.rings(d, dv, group).map(take_filled);
         Scratch {
-            kt: take_filled(plan.capk * d * xp),
-            vt: take_filled(plan.capk * dv * xp),
-            qt: take_filled(plan.capq * group * d * xp),
-            dot: take_filled(plan.capq * group * dv * xp),
-            p: take_filled(plan.capq * group * plan.nkmax * xp),
-            ds: take_filled(plan.capq * group * plan.nkmax * xp),
-            ek: take_filled(plan.cape * plan.nx * d),
-            ev: take_filled(plan.cape * plan.nx * dv),
+            kt,
+            vt,
+            qt,
+            dot,
+            p,
+            ds,
+            ek,
+            ev,
             s: Vec::new(),
             dp: Vec::new(),
             o: Vec::new(),
@@ -275,11 +291,6 @@ pub(super) fn run<E: Element>(
         });
 }
 
-/// Row index of position `(y, x)` of the band's group for head `h` of `heads`.
-fn row(band: &Band<'_>, heads: usize, h: usize, y: usize, x: usize) -> usize {
-    (band.b * band.n + band.geo.pos(band.g, [0, y, x])) * heads + h
-}
-
 /// # Safety
 /// AVX-512F (checked by `applies`); the task owns the rows it writes (see `run`).
 #[target_feature(enable = "avx512f")]
@@ -295,14 +306,19 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
             v.resize(len, 0.0);
         }
     };
-    fit(&mut sc.kt, plan.capk * d * xp);
-    fit(&mut sc.vt, plan.capk * dv * xp);
-    fit(&mut sc.qt, plan.capq * group * d * xp);
-    fit(&mut sc.dot, plan.capq * group * dv * xp);
-    fit(&mut sc.p, plan.capq * group * plan.nkmax * xp);
-    fit(&mut sc.ds, plan.capq * group * plan.nkmax * xp);
-    fit(&mut sc.ek, plan.cape * nx * d);
-    fit(&mut sc.ev, plan.cape * nx * dv);
+    let rings = [
+        &mut sc.kt,
+        &mut sc.vt,
+        &mut sc.qt,
+        &mut sc.dot,
+        &mut sc.p,
+        &mut sc.ds,
+        &mut sc.ek,
+        &mut sc.ev,
+    ];
+    for (r, len) in rings.into_iter().zip(plan.rings(d, dv, group)) {
+        fit(r, len);
+    }
     fit(&mut sc.s, LINES * plan.nkmax * 16);
     fit(&mut sc.dp, LINES * plan.nkmax * 16);
     fit(
@@ -319,20 +335,7 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
         .step_by(16)
         .map(|x0| Block::new(band, x0, k2))
         .collect();
-    let (ks, vs) = (
-        Src {
-            src: c.k,
-            heads: c.hkv,
-            h: kh,
-            w: d,
-        },
-        Src {
-            src: c.v,
-            heads: c.hkv,
-            h: kh,
-            w: dv,
-        },
-    );
+    let (ks, vs) = (Src::new(c.k, c.hkv, kh, d), Src::new(c.v, c.hkv, kh, dv));
     let mut knext = 0;
     let mut opened = 0;
     let (mut oldest, mut fin) = (0, 0);
@@ -411,24 +414,9 @@ unsafe fn lines<E: Element>(
     let done = nx.next_multiple_of(16);
     let nkm = plan.nkmax;
     let (left, right) = plan.pads();
-    let qs = Src {
-        src: c.q,
-        heads: c.hq,
-        h,
-        w: d,
-    };
-    let dos = Src {
-        src: c.dout,
-        heads: c.hq,
-        h,
-        w: dv,
-    };
-    let os = Src {
-        src: c.out,
-        heads: c.hq,
-        h,
-        w: dv,
-    };
+    let qs = Src::new(c.q, c.hq, h, d);
+    let dos = Src::new(c.dout, c.hq, h, dv);
+    let os = Src::new(c.out, c.hq, h, dv);
     let log2e = std::f32::consts::LOG2_E;
     for (j, &slot) in slots.iter().enumerate().take(nlines) {
         let y = y0 + j;
@@ -453,7 +441,7 @@ unsafe fn lines<E: Element>(
         let (lse2, delta) = (&mut sc.lse2[j * done..], &mut sc.delta[j * done..]);
         for (x, l) in lse2[..done].iter_mut().enumerate() {
             *l = if x < nx {
-                c.lse[row(band, c.hq, h, y, x)] * log2e
+                c.lse[band.row(c.hq, h, y, x)] * log2e
             } else {
                 0.0
             };
@@ -592,13 +580,9 @@ unsafe fn lines<E: Element>(
                         let (pv, dsv) = (*sp[j].add(t), *dpp[j].add(t));
                         let col = start + dx;
                         let ek = &mut sc.ek[(e * nx + col) * d..(e * nx + col + 1) * d];
-                        for (a, &qv) in ek.iter_mut().zip(&sc.qrow) {
-                            *a += dsv * qv;
-                        }
+                        axpy(ek, dsv, &sc.qrow);
                         let ev = &mut sc.ev[(e * nx + col) * dv..(e * nx + col + 1) * dv];
-                        for (a, &ov) in ev.iter_mut().zip(&sc.dorow) {
-                            *a += pv * ov;
-                        }
+                        axpy(ev, pv, &sc.dorow);
                     }
                 }
             }
@@ -607,12 +591,16 @@ unsafe fn lines<E: Element>(
         let dsv: [*const f32; LINES] = dpp.map(|p| p as *const f32);
         lx::pv_rows(&krows, nlines, dsv, d, xp, k2, blk.base, idx, perm, op);
         for (j, &o) in op.iter().enumerate().take(nlines) {
-            x86::scale(o, d * 16, c.scale);
+            f32::scale(
+                Level::Avx512,
+                std::slice::from_raw_parts_mut(o, d * 16),
+                c.scale,
+            );
             let y = y0 + j;
             let mut dst = [std::ptr::null_mut::<f32>(); 16];
             for (l, p) in dst.iter_mut().enumerate().take(blk.nl) {
                 *p = if f32_out {
-                    c.dq.get().add(row(band, c.hq, h, y, x0 + l) * d) as *mut f32
+                    c.dq.get().add(band.row(c.hq, h, y, x0 + l) * d) as *mut f32
                 } else {
                     sc.ta.as_mut_ptr().add(l * d)
                 };
@@ -621,7 +609,7 @@ unsafe fn lines<E: Element>(
             if !f32_out {
                 for l in 0..blk.nl {
                     let out = std::slice::from_raw_parts_mut(
-                        c.dq.get().add(row(band, c.hq, h, y, x0 + l) * d),
+                        c.dq.get().add(band.row(c.hq, h, y, x0 + l) * d),
                         d,
                     );
                     let src = &sc.ta[l * d..(l + 1) * d];
@@ -744,10 +732,14 @@ unsafe fn finish_lines<E: Element>(
                 };
                 let ob = o.add((which * KEY_LINES + i) * osz);
                 if mul != 1.0 {
-                    x86::scale(ob, w * 16, mul);
+                    f32::scale(
+                        Level::Avx512,
+                        std::slice::from_raw_parts_mut(ob, w * 16),
+                        mul,
+                    );
                 }
                 let tmp = if which == 0 { &mut sc.ta } else { &mut sc.tb };
-                let orow = |l: usize| outp.add(row(band, c.hkv, kh, bb, j0 + l) * w);
+                let orow = |l: usize| outp.add(band.row(c.hkv, kh, bb, j0 + l) * w);
                 let dst: [*mut f32; 16] = std::array::from_fn(|l| {
                     if f32_out && l < nl {
                         orow(l) as *mut f32
@@ -760,12 +752,7 @@ unsafe fn finish_lines<E: Element>(
                     let j = j0 + l;
                     let r = std::slice::from_raw_parts_mut(dl, w);
                     if plan.edge_col(j) {
-                        for (a, &x) in r
-                            .iter_mut()
-                            .zip(&ext[(e * nx + j) * w..(e * nx + j + 1) * w])
-                        {
-                            *a += x * mul;
-                        }
+                        axpy(r, mul, &ext[(e * nx + j) * w..(e * nx + j + 1) * w]);
                     }
                     if !f32_out {
                         let out = std::slice::from_raw_parts_mut(orow(l), w);
@@ -877,15 +864,6 @@ mod x86 {
             for i in 0..N {
                 acc[I0 + i][c] = _mm512_fmadd_ps(sv[i], xv, acc[I0 + i][c]);
             }
-        }
-    }
-
-    /// `x[..n] *= s` (`n` a multiple of 16).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn scale(x: *mut f32, n: usize, s: f32) {
-        let sv = _mm512_set1_ps(s);
-        for i in (0..n).step_by(16) {
-            _mm512_storeu_ps(x.add(i), _mm512_mul_ps(_mm512_loadu_ps(x.add(i)), sv));
         }
     }
 }
