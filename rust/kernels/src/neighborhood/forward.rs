@@ -73,6 +73,11 @@ pub(super) fn run<E: Element>(
     lse: &mut [E::Acc],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if super::band::applies::<E>(level, dims, geo) {
+        super::band::run(dims, geo, scale, q, k, v, out, lse);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::lanes::applies::<E>(level, dims, geo) {
         super::lanes::run(dims, geo, scale, q, k, v, out, lse);
         return;

@@ -478,7 +478,7 @@ pub(super) mod x86 {
     /// # Safety
     /// AVX-512F; `rows[..nr]` valid for `w` reads.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose_block(
+    pub(in crate::neighborhood) unsafe fn transpose_block(
         rows: &[*const f32; 16],
         nr: usize,
         w: usize,

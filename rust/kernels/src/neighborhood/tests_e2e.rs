@@ -393,3 +393,37 @@ fn lanes_path_matches_reference() {
         check_every_level(ci, c, 0x5851_F42D_4C95_7F2D + ci as u64);
     }
 }
+
+/// 1-D calls (windows up to 1024 keys) take the band forward at AVX-512; every case checks
+/// it (and the tiled backward after it) against the reference at every level.
+#[test]
+fn band_path_matches_reference() {
+    let cases = [
+        // Several 128-query blocks, the last partial; D, Dv not multiples of 16, Dv > 64.
+        case(&[300], 2, 2, 33, 70, 0, &[63], &[1], &[1], &[false]),
+        // Even window, GQA, stride.
+        case(&[203], 4, 2, 16, 24, 0, &[20], &[3], &[1], &[false]),
+        // Dilation 3 (groups of 67 and 66 queries), causal.
+        case(&[200], 2, 1, 20, 8, 0, &[17], &[1], &[3], &[true]),
+        // Causal with stride, window reaching a block edge.
+        case(&[261], 1, 1, 64, 64, 0, &[33], &[4], &[1], &[true]),
+        // Window equal to the input.
+        case(&[40], 2, 1, 8, 16, 0, &[40], &[1], &[1], &[false]),
+        // Small window; the largest window taken here.
+        case(&[150], 1, 1, 16, 16, 0, &[3], &[1], &[1], &[false]),
+        case(&[1100], 1, 1, 4, 4, 0, &[1024], &[1], &[1], &[true]),
+    ];
+    for (ci, c) in cases.iter().enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            super::band::applies::<f32>(
+                simd::Level::Avx512,
+                &c.dims,
+                &validate(&c.dims, &c.p).unwrap()
+            ),
+            simd::available().contains(&simd::Level::Avx512),
+            "case {ci}"
+        );
+        check_every_level(ci, c, 0x2545_F491_4F6C_DD1D + ci as u64);
+    }
+}
