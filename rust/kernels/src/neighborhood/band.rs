@@ -150,29 +150,29 @@ impl Task<'_> {
         i * self.geo.d[2] + self.g
     }
 
-    /// Row pointers (as addresses) of group keys `kb..kb + n` of `src`, converted into
-    /// `buf` unless stored as f32.
+    /// Group keys `kb..kb + n` of `src` as rows at a fixed stride: in place for f32
+    /// storage, else converted into `buf`. Returns the first row and the stride.
     fn key_rows<E: Element>(
         &self,
         src: &Src<'_, E>,
         kb: usize,
         n: usize,
         buf: &mut Vec<f32>,
-        out: &mut Vec<usize>,
-    ) {
-        if buf.len() < n * src.w {
-            buf.resize(n * src.w, 0.0);
+    ) -> (*const f32, usize) {
+        let w = src.w;
+        let row = |j: usize| ((self.b * self.geo.n + self.pos(j)) * src.heads + src.h) * w;
+        if let Some(all) = E::as_acc_slice(src.src) {
+            let stride = self.geo.d[2] * src.heads * w;
+            // SAFETY (the cast): `E::Acc` is f32 (`applies`); row `kb` is in bounds.
+            return (all[row(kb)..].as_ptr() as *const f32, stride);
         }
-        out.clear();
-        let mut c = 0;
-        while c < n {
-            let cnt = (n - c).min(16);
-            let mut ptrs = [std::ptr::null(); 16];
-            let pos = (kb + c..kb + c + cnt).map(|j| self.pos(j));
-            src.rows(self.b, self.geo.n, pos, &mut buf[c * src.w..], &mut ptrs);
-            out.extend(ptrs[..cnt].iter().map(|&p| p as usize));
-            c += cnt;
+        buf.resize(n * w, 0.0);
+        for (j, dst) in buf.chunks_exact_mut(w).enumerate() {
+            // SAFETY: `E::Acc` is f32 (`applies`).
+            let dst = unsafe { &mut *(dst as *mut [f32] as *mut [E::Acc]) };
+            E::to_acc_slice(&src.src[row(kb + j)..row(kb + j) + w], dst);
         }
+        (buf.as_ptr(), w)
     }
 
     /// # Safety
@@ -208,12 +208,10 @@ impl Task<'_> {
             qs.rows(self.b, geo.n, pos, &mut sc.rows, &mut ptrs);
             super::lanes::x86::transpose_block(&ptrs, nr, d, self.qscale, &mut sc.qt[c..], ss);
         }
-        let (mut kp, mut vp) = (Vec::with_capacity(nk4), Vec::with_capacity(nk4));
-        self.key_rows(ks, kb, nk, &mut sc.kbuf, &mut kp);
-        self.key_rows(vs, kb, nk, &mut sc.vbuf, &mut vp);
-        sc.zero.resize(d.max(dv), 0.0);
-        kp.resize(nk4, sc.zero.as_ptr() as usize);
-        vp.resize(nk4, sc.zero.as_ptr() as usize);
+        let (k0, kst) = self.key_rows(ks, kb, nk, &mut sc.kbuf);
+        let (v0, vst) = self.key_rows(vs, kb, nk, &mut sc.vbuf);
+        // Key rows past the last (a block of 4 reaches up to 3 of them) read zeros.
+        sc.zero.resize(d, 0.0);
 
         // Scores Sᵀ[key][query], for each block of 4 keys only over the query vectors
         // whose windows hold one of them.
@@ -234,7 +232,13 @@ impl Task<'_> {
             while hi < nq && win[hi].0 <= last {
                 hi += 1;
             }
-            let kr: [*const f32; 4] = std::array::from_fn(|r| kp[jb + r] as *const f32);
+            let kr: [*const f32; 4] = std::array::from_fn(|r| {
+                if jb + r < nk {
+                    k0.add((jb + r) * kst)
+                } else {
+                    sc.zero.as_ptr()
+                }
+            });
             let (mut c, c1) = (lo / 16, hi.div_ceil(16));
             while c < c1 {
                 let nv = (c1 - c).min(x86::QK_VECS);
@@ -244,7 +248,7 @@ impl Task<'_> {
                 c += nv;
             }
             while next < cols && col_end(next) <= jb + 4 {
-                self.column(sc, next, kb, ss, (&vp, dv), f32_out, outp, lsep);
+                self.column(sc, next, kb, ss, (v0, vst, dv), f32_out, outp, lsep);
                 next += 1;
             }
         }
@@ -252,7 +256,8 @@ impl Task<'_> {
     }
 
     /// Softmax down query column `c` (16 queries) over its key rows, then `P·V` and the
-    /// column's output and lse rows.
+    /// column's output and lse rows. `(v0, vst, dv)`: the value rows from the task's first key
+    /// (first, stride) and their width.
     #[allow(clippy::too_many_arguments)]
     unsafe fn column<E: Element>(
         &self,
@@ -260,7 +265,7 @@ impl Task<'_> {
         c: usize,
         kb: usize,
         ss: usize,
-        (vp, dv): (&[usize], usize),
+        (v0, vst, dv): (*const f32, usize, usize),
         f32_out: bool,
         outp: &SharedMut<E>,
         lsep: &SharedMut<f32>,
@@ -300,7 +305,7 @@ impl Task<'_> {
                 }
             });
             let inv: [f32; 4] = std::array::from_fn(|r| 1.0 / l[a - c0 + r]);
-            x86::pv(p, 16, &vp[r0..r1], dv, inv, dst);
+            x86::pv(p, 16, (v0.add(r0 * vst), vst, r1 - r0), dv, inv, dst);
             for r in 0..nr {
                 let lane = a - c0 + r;
                 if !f32_out {
@@ -423,13 +428,13 @@ mod x86 {
     /// `c < dv`.
     ///
     /// # Safety
-    /// AVX-512F; `p` valid for `v.len()` rows of 4 values at stride `ps`; every `v[t]` the
-    /// address of `dv` readable values; every `o[r]` valid for `dv` writes.
+    /// AVX-512F; `p` valid for `v.2` rows of 4 values at stride `ps`; `v` that many rows
+    /// (first, stride) of `dv` readable values; every `o[r]` valid for `dv` writes.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pv(
         p: *const f32,
         ps: usize,
-        v: &[usize],
+        v: (*const f32, usize, usize),
         dv: usize,
         inv: [f32; 4],
         o: [*mut f32; 4],
@@ -458,15 +463,15 @@ mod x86 {
     unsafe fn pv_n<const NV: usize>(
         p: *const f32,
         ps: usize,
-        v: &[usize],
+        (v0, vst, nv): (*const f32, usize, usize),
         c0: usize,
         last: __mmask16,
         inv: [f32; 4],
         o: [*mut f32; 4],
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; 4];
-        for (t, &vr) in v.iter().enumerate() {
-            let vr = (vr as *const f32).add(c0);
+        for t in 0..nv {
+            let vr = v0.add(t * vst + c0);
             let vv: [__m512; NV] = std::array::from_fn(|j| {
                 let k = if j + 1 == NV { last } else { u16::MAX };
                 _mm512_maskz_loadu_ps(k, vr.add(16 * j))
