@@ -582,3 +582,56 @@ fn bad_arguments_are_errors() {
     .is_err());
     assert!(try_p(p, dims, &q, &mut out, &mut lse).is_ok());
 }
+
+/// Zero-width heads (`head_dim` or `v_head_dim` 0) are argument errors, also on shapes the
+/// 1-D band and 2-D lanes paths would take, at every level (they once reached a packing
+/// routine's slice bounds).
+#[test]
+fn zero_width_heads_are_errors() {
+    let _g = lock();
+    let shapes: [(&[usize], &[usize]); 2] = [(&[40], &[7]), (&[14, 20], &[3, 5])];
+    for level in simd::available() {
+        simd::force(Some(level)).unwrap();
+        for (sp, ks) in shapes {
+            for (d, dv) in [(0, 4), (4, 0), (0, 0)] {
+                let n: usize = sp.iter().product();
+                let dims = NaDims::new(1, sp, 2, 1, d, dv, 0);
+                let r = sp.len();
+                let p = NaParams::new(ks, &vec![1; r], &vec![1; r], &vec![false; r], 0.5);
+                let q = vec![0.5f32; n * 2 * d];
+                let k = vec![0.25f32; n * d];
+                let v = vec![1.0f32; n * dv];
+                let mut out = vec![0f32; n * 2 * dv];
+                let mut lse = vec![0f32; n * 2];
+                let f = forward(&dims, &p, &q, &k, &v, &[], &[], &mut out, &mut lse);
+                assert!(
+                    matches!(f, Err(KernelError::Argument(_))),
+                    "{level:?} {sp:?}"
+                );
+                let (mut dq, mut dk, mut dvv) = (q.clone(), k.clone(), v.clone());
+                let b = backward(
+                    &dims,
+                    &p,
+                    &q,
+                    &k,
+                    &v,
+                    &[],
+                    &[],
+                    &out,
+                    &out,
+                    &lse,
+                    &mut dq,
+                    &mut dk,
+                    &mut dvv,
+                    &mut [],
+                    &mut [],
+                );
+                assert!(
+                    matches!(b, Err(KernelError::Argument(_))),
+                    "{level:?} {sp:?}"
+                );
+            }
+        }
+    }
+    simd::force(None).unwrap();
+}

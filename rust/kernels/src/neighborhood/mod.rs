@@ -199,6 +199,14 @@ fn validate(dims: &NaDims, p: &NaParams) -> Result<Geo, KernelError> {
             dims.q_heads, dims.kv_heads
         ));
     }
+    // As the Python layer: a zero-width head has no attention to compute (and the packing
+    // and lane kernels assume at least one column).
+    if dims.head_dim == 0 || dims.v_head_dim == 0 {
+        return arg(format!(
+            "head_dim ({}) and v_head_dim ({}) must be positive",
+            dims.head_dim, dims.v_head_dim
+        ));
+    }
     if !p.scale.is_finite() {
         return arg(format!("scale must be finite, got {}", p.scale));
     }
