@@ -87,7 +87,7 @@ pub(super) fn run<E: Element>(
     let group = hq / hkv;
     let qscale = (scale * std::f64::consts::LOG2_E) as f32;
     let mut blocks = Vec::new();
-    // Every group's windows, computed once (per task they cost ~5% of a k = 63 forward).
+    // Every group's windows, computed once per call (tasks of other heads share them).
     let mut wins = Vec::new();
     for g in 0..geo.d[2] {
         let len = geo.group_len(2, g);
