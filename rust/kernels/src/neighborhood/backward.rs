@@ -1,6 +1,7 @@
-//! Backward pass (small 2-D windows go to `super::lanes_bwd` instead): one task per (query
-//! tile, batch, kv head), recomputing `P` from the saved
-//! lse one key panel at a time. A task owns dQ of its queries (every q head of its kv head).
+//! Backward pass (1-D calls go to `super::band_bwd`, small 2-D windows to
+//! `super::lanes_bwd` instead): one task per (query tile, batch, kv head), recomputing `P`
+//! from the saved lse one key panel at a time. A task owns dQ of its queries (every q head
+//! of its kv head).
 //! dK / dV of its key box are summed over those heads, then added into one shared
 //! accumulator: tiles run in colour phases in which same-coloured tiles have disjoint key
 //! boxes (`super::colours`), so concurrent tasks never touch the same key rows. (Per-worker
@@ -94,14 +95,18 @@ struct Scratch<E: Element> {
 
 /// Where the shared dK / dV sums live: the outputs themselves when they already hold the
 /// accumulation type, else pooled buffers converted at the end.
-enum Sums<'a, E: Element> {
+pub(super) enum Sums<'a, E: Element> {
     Direct,
     Pooled(PoolVec<E::Acc>, &'a mut [E]),
 }
 
-fn sums<E: Element>(dst: &mut [E]) -> (SharedMut<E::Acc>, Sums<'_, E>) {
+/// The shared sums for `dst`, zeroed when `zero` (else every row must be stored before it
+/// is added to).
+pub(super) fn sums<E: Element>(dst: &mut [E], zero: bool) -> (SharedMut<E::Acc>, Sums<'_, E>) {
     if TypeId::of::<E>() == TypeId::of::<E::Acc>() {
-        dst.fill(E::from_acc(E::Acc::ZERO));
+        if zero {
+            dst.fill(E::from_acc(E::Acc::ZERO));
+        }
         // SAFETY (the cast): `E` is `E::Acc`, same layout.
         (SharedMut(dst.as_mut_ptr() as *mut E::Acc), Sums::Direct)
     } else {
@@ -112,7 +117,7 @@ fn sums<E: Element>(dst: &mut [E]) -> (SharedMut<E::Acc>, Sums<'_, E>) {
 }
 
 impl<E: Element> Sums<'_, E> {
-    fn finish(self) {
+    pub(super) fn finish(self) {
         if let Sums::Pooled(buf, dst) = self {
             const C: usize = 4096;
             dst.par_chunks_mut(C)
@@ -142,6 +147,11 @@ pub(super) fn run<E: Element>(
     dak: &mut [E],
     dav: &mut [E],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if super::band_bwd::applies::<E>(level, dims, geo) {
+        super::band_bwd::run(dims, geo, scale, q, k, v, out, dout, lse, dq, dk, dv);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if super::lanes_bwd::applies::<E>(level, dims, geo) {
         super::lanes_bwd::run(dims, geo, scale, q, k, v, out, dout, lse, dq, dk, dv);
@@ -193,8 +203,8 @@ pub(super) fn run<E: Element>(
     let tq = t[0] * t[1] * t[2];
     let col = colours(geo, t);
     let dqp = SharedMut(dq.as_mut_ptr());
-    let (dkp, dk_sums) = sums(dk);
-    let (dvp, dv_sums) = sums(dv);
+    let (dkp, dk_sums) = sums(dk, true);
+    let (dvp, dv_sums) = sums(dv, true);
     let scratch = PerThread::new();
     let (lak, lav) = (dak.len(), dav.len());
 

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use std::any::TypeId;
 
 /// Queries per task (a multiple of 16).
-const QB: usize = 128;
+pub(super) const QB: usize = 128;
 /// Longest window taken here: the whole band of a task is held (`(QB + k) × QB` scores).
 /// Up to k = 1023 this measured faster than the tiled path (L = 4096 D = 64: k = 255 5.0
 /// against 6.4 ms, k = 1023 19.2 against 21.0), at k = 2047 slower (55 against 41).
@@ -131,6 +131,56 @@ pub(super) fn run<E: Element>(
         });
 }
 
+/// Rows `i0..i0 + cnt` (group indices `i·dil + g`) of one head of `src` at a fixed stride: in
+/// place for f32 storage, else converted into `buf`. Returns the first row and the stride.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rows_of<E: Element>(
+    src: &Src<'_, E>,
+    b: usize,
+    n: usize,
+    dil: usize,
+    g: usize,
+    i0: usize,
+    cnt: usize,
+    buf: &mut Vec<f32>,
+) -> (*const f32, usize) {
+    let w = src.w;
+    let off = |i: usize| ((b * n + i * dil + g) * src.heads + src.h) * w;
+    if let Some(all) = E::as_acc_slice(src.src) {
+        // SAFETY (the cast): `E::Acc` is f32 (`applies`).
+        return (all[off(i0)..].as_ptr() as *const f32, dil * src.heads * w);
+    }
+    buf.resize(cnt * w, 0.0);
+    for (j, dst) in buf.chunks_exact_mut(w).enumerate() {
+        // SAFETY: `E::Acc` is f32 (`applies`).
+        let dst = unsafe { &mut *(dst as *mut [f32] as *mut [E::Acc]) };
+        E::to_acc_slice(&src.src[off(i0 + j)..off(i0 + j) + w], dst);
+    }
+    (buf.as_ptr(), w)
+}
+
+/// Per block of 4 keys (`jb`: its first, counted from the task's first key `kb`; `nk`
+/// keys in all), the queries `lo..hi` (indices into `win`) whose windows hold one of its
+/// keys. Windows move monotonically, so two pointers find them.
+pub(super) fn key_blocks(
+    win: &[(usize, usize)],
+    kb: usize,
+    nk: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let nq = win.len();
+    let (mut lo, mut hi) = (0, 0);
+    (0..nk.next_multiple_of(4)).step_by(4).map(move |jb| {
+        let (first, last) = (kb + jb, kb + (jb + 3).min(nk - 1));
+        while lo < nq && win[lo].1 <= first {
+            lo += 1;
+        }
+        while hi < nq && win[hi].0 <= last {
+            hi += 1;
+        }
+        (jb, lo, hi)
+    })
+}
+
 /// Queries `q.0..q.1` of dilation group `g` of batch entry `b`, q head `h` of `hq`.
 struct Task<'a> {
     geo: &'a Geo,
@@ -148,31 +198,6 @@ impl Task<'_> {
     /// Flattened position of group index `i`.
     fn pos(&self, i: usize) -> usize {
         i * self.geo.d[2] + self.g
-    }
-
-    /// Group keys `kb..kb + n` of `src` as rows at a fixed stride: in place for f32
-    /// storage, else converted into `buf`. Returns the first row and the stride.
-    fn key_rows<E: Element>(
-        &self,
-        src: &Src<'_, E>,
-        kb: usize,
-        n: usize,
-        buf: &mut Vec<f32>,
-    ) -> (*const f32, usize) {
-        let w = src.w;
-        let row = |j: usize| ((self.b * self.geo.n + self.pos(j)) * src.heads + src.h) * w;
-        if let Some(all) = E::as_acc_slice(src.src) {
-            let stride = self.geo.d[2] * src.heads * w;
-            // SAFETY (the cast): `E::Acc` is f32 (`applies`); row `kb` is in bounds.
-            return (all[row(kb)..].as_ptr() as *const f32, stride);
-        }
-        buf.resize(n * w, 0.0);
-        for (j, dst) in buf.chunks_exact_mut(w).enumerate() {
-            // SAFETY: `E::Acc` is f32 (`applies`).
-            let dst = unsafe { &mut *(dst as *mut [f32] as *mut [E::Acc]) };
-            E::to_acc_slice(&src.src[row(kb + j)..row(kb + j) + w], dst);
-        }
-        (buf.as_ptr(), w)
     }
 
     /// # Safety
@@ -208,8 +233,8 @@ impl Task<'_> {
             qs.rows(self.b, geo.n, pos, &mut sc.rows, &mut ptrs);
             super::lanes::x86::transpose_block(&ptrs, nr, d, self.qscale, &mut sc.qt[c..], ss);
         }
-        let (k0, kst) = self.key_rows(ks, kb, nk, &mut sc.kbuf);
-        let (v0, vst) = self.key_rows(vs, kb, nk, &mut sc.vbuf);
+        let (k0, kst) = rows_of(ks, self.b, geo.n, geo.d[2], self.g, kb, nk, &mut sc.kbuf);
+        let (v0, vst) = rows_of(vs, self.b, geo.n, geo.d[2], self.g, kb, nk, &mut sc.vbuf);
         // Key rows past the last (a block of 4 reaches up to 3 of them) read zeros.
         sc.zero.resize(d, 0.0);
 
@@ -223,15 +248,7 @@ impl Task<'_> {
         let cols = qp / 16;
         let col_end = |c: usize| win[(16 * c + 15).min(nq - 1)].1 - kb;
         let mut next = 0;
-        let (mut lo, mut hi) = (0, 0);
-        for jb in (0..nk4).step_by(4) {
-            let (first, last) = (kb + jb, kb + (jb + 3).min(nk - 1));
-            while lo < nq && win[lo].1 <= first {
-                lo += 1;
-            }
-            while hi < nq && win[hi].0 <= last {
-                hi += 1;
-            }
+        for (jb, lo, hi) in key_blocks(win, kb, nk) {
             let kr: [*const f32; 4] = std::array::from_fn(|r| {
                 if jb + r < nk {
                     k0.add((jb + r) * kst)
@@ -305,7 +322,15 @@ impl Task<'_> {
                 }
             });
             let inv: [f32; 4] = std::array::from_fn(|r| 1.0 / l[a - c0 + r]);
-            x86::pv(p, 16, (v0.add(r0 * vst), vst, r1 - r0), dv, inv, dst);
+            x86::pv(
+                p,
+                (16, 1),
+                (v0.add(r0 * vst), vst, r1 - r0),
+                dv,
+                inv,
+                dst,
+                false,
+            );
             for r in 0..nr {
                 let lane = a - c0 + r;
                 if !f32_out {
@@ -322,13 +347,13 @@ impl Task<'_> {
 
 // Register blocks read best indexed.
 #[allow(clippy::needless_range_loop)]
-mod x86 {
+pub(super) mod x86 {
     use crate::simd::math::x86_avx512::exp2v_masked;
     use std::arch::x86_64::*;
 
     /// Query vectors per score pass: at 4 keys that is 20 accumulators, and a block of 4
     /// keys of a window of `k` needs `(k + 3) / 16 + 1` vectors.
-    pub(super) const QK_VECS: usize = 5;
+    pub(in crate::neighborhood) const QK_VECS: usize = 5;
 
     /// `s[r·ss + i] = Σ_c k[r][c] · qt[c·qs + i]` for keys `r < 4`, lanes `i < 16·nv`.
     ///
@@ -336,7 +361,7 @@ mod x86 {
     /// AVX-512F; `1 ≤ nv ≤ QK_VECS`; `k[r]` valid for `d` reads, `qt` for `d` rows of
     /// stride `qs` and `16·nv` columns, `s` for 4 rows of stride `ss`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn qk(
+    pub(in crate::neighborhood) unsafe fn qk(
         nv: usize,
         qt: *const f32,
         qs: usize,
@@ -424,20 +449,22 @@ mod x86 {
         (m, l)
     }
 
-    /// `o[r][c] = inv[r] · Σ_t p[t·ps + r] · v[t][c]` for 4 queries `r`, value columns
-    /// `c < dv`.
+    /// `o[r][c] (+)= inv[r] · Σ_t p[t·ts + r·rs] · v[t][c]` for 4 rows `r` (queries, or
+    /// keys in the backward), columns `c < dv`; added to `o` when `add`.
     ///
     /// # Safety
-    /// AVX-512F; `p` valid for `v.2` rows of 4 values at stride `ps`; `v` that many rows
-    /// (first, stride) of `dv` readable values; every `o[r]` valid for `dv` writes.
+    /// AVX-512F; `p` valid at those offsets for `t < v.2`, `r < 4`; `v` that many rows
+    /// (first, stride) of `dv` readable values; every `o[r]` valid for `dv` reads and
+    /// writes.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pv(
+    pub(in crate::neighborhood) unsafe fn pv(
         p: *const f32,
-        ps: usize,
+        ps: (usize, usize),
         v: (*const f32, usize, usize),
         dv: usize,
         inv: [f32; 4],
         o: [*mut f32; 4],
+        add: bool,
     ) {
         let mut c0 = 0;
         while c0 < dv {
@@ -449,25 +476,27 @@ mod x86 {
             };
             let o = o.map(|o| o.add(c0));
             match rem.div_ceil(16).min(4) {
-                1 => pv_n::<1>(p, ps, v, c0, last, inv, o),
-                2 => pv_n::<2>(p, ps, v, c0, last, inv, o),
-                3 => pv_n::<3>(p, ps, v, c0, last, inv, o),
-                _ => pv_n::<4>(p, ps, v, c0, last, inv, o),
+                1 => pv_n::<1>(p, ps, v, c0, last, inv, o, add),
+                2 => pv_n::<2>(p, ps, v, c0, last, inv, o, add),
+                3 => pv_n::<3>(p, ps, v, c0, last, inv, o, add),
+                _ => pv_n::<4>(p, ps, v, c0, last, inv, o, add),
             }
             c0 += 64;
         }
     }
 
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn pv_n<const NV: usize>(
         p: *const f32,
-        ps: usize,
+        (ts, rs): (usize, usize),
         (v0, vst, nv): (*const f32, usize, usize),
         c0: usize,
         last: __mmask16,
         inv: [f32; 4],
         o: [*mut f32; 4],
+        add: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; 4];
         for t in 0..nv {
@@ -476,9 +505,9 @@ mod x86 {
                 let k = if j + 1 == NV { last } else { u16::MAX };
                 _mm512_maskz_loadu_ps(k, vr.add(16 * j))
             });
-            let pr = p.add(t * ps);
+            let pr = p.add(t * ts);
             for r in 0..4 {
-                let pb = _mm512_set1_ps(*pr.add(r));
+                let pb = _mm512_set1_ps(*pr.add(r * rs));
                 for j in 0..NV {
                     acc[r][j] = _mm512_fmadd_ps(pb, vv[j], acc[r][j]);
                 }
@@ -488,7 +517,11 @@ mod x86 {
             let iv = _mm512_set1_ps(inv[r]);
             for j in 0..NV {
                 let k = if j + 1 == NV { last } else { u16::MAX };
-                _mm512_mask_storeu_ps(o[r].add(16 * j), k, _mm512_mul_ps(acc[r][j], iv));
+                let mut x = _mm512_mul_ps(acc[r][j], iv);
+                if add {
+                    x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, o[r].add(16 * j)));
+                }
+                _mm512_mask_storeu_ps(o[r].add(16 * j), k, x);
             }
         }
     }

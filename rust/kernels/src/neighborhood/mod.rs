@@ -21,9 +21,9 @@
 //! (`lanes_bwd`): query lines streamed in order, each key line's dK / dV summed once no
 //! later window holds it.
 //!
-//! 1-D forwards (windows up to 1024 keys, no additional keys, f32 accumulation at AVX-512)
-//! run in `band`: queries in the SIMD lanes, keys broadcast from their rows, the diagonal
-//! band of the (key, query) plane covered 4 keys × 16 queries at a time.
+//! 1-D calls (windows up to 1024 keys, no additional keys, f32 accumulation at AVX-512)
+//! run in `band` / `band_bwd`: queries in the SIMD lanes, keys broadcast from their rows,
+//! the diagonal band of the (key, query) plane covered 4 keys × 16 queries at a time.
 //!
 //! Dilation: every dilation group (per dimension, the positions `g, g + d, g + 2d, …`) is its
 //! own sub-grid; tiles never mix groups, so they are dense within the group.
@@ -32,6 +32,8 @@ mod backward;
 // AVX-512 only, like `lanes`.
 #[cfg(target_arch = "x86_64")]
 mod band;
+#[cfg(target_arch = "x86_64")]
+mod band_bwd;
 mod forward;
 // AVX-512 only: other targets always take the tiled path.
 #[cfg(target_arch = "x86_64")]

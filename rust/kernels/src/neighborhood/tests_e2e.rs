@@ -394,8 +394,8 @@ fn lanes_path_matches_reference() {
     }
 }
 
-/// 1-D calls (windows up to 1024 keys) take the band forward at AVX-512; every case checks
-/// it (and the tiled backward after it) against the reference at every level.
+/// 1-D calls (windows up to 1024 keys) take the band forward and backward at AVX-512;
+/// every case checks both against the reference at every level.
 #[test]
 fn band_path_matches_reference() {
     let cases = [
@@ -417,6 +417,16 @@ fn band_path_matches_reference() {
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
             super::band::applies::<f32>(
+                simd::Level::Avx512,
+                &c.dims,
+                &validate(&c.dims, &c.p).unwrap()
+            ),
+            simd::available().contains(&simd::Level::Avx512),
+            "case {ci}"
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            super::band_bwd::applies::<f32>(
                 simd::Level::Avx512,
                 &c.dims,
                 &validate(&c.dims, &c.p).unwrap()
