@@ -159,6 +159,25 @@ pub(super) fn rows_of<E: Element>(
     (buf.as_ptr(), w)
 }
 
+/// The rows (first, stride) of keys `jb..jb + 4` of `nk`; those past the last are `zero`.
+///
+/// # Safety
+/// The keys before `nk` are rows of the tensor or buffer `first` points into.
+pub(super) unsafe fn block_rows(
+    (first, stride): (*const f32, usize),
+    jb: usize,
+    nk: usize,
+    zero: *const f32,
+) -> [*const f32; 4] {
+    std::array::from_fn(|r| {
+        if jb + r < nk {
+            first.add((jb + r) * stride)
+        } else {
+            zero
+        }
+    })
+}
+
 /// Per block of 4 keys (`jb`: its first, counted from the task's first key `kb`; `nk`
 /// keys in all), the queries `lo..hi` (indices into `win`) whose windows hold one of its
 /// keys. Windows move monotonically, so two pointers find them.
@@ -249,13 +268,7 @@ impl Task<'_> {
         let col_end = |c: usize| win[(16 * c + 15).min(nq - 1)].1 - kb;
         let mut next = 0;
         for (jb, lo, hi) in key_blocks(win, kb, nk) {
-            let kr: [*const f32; 4] = std::array::from_fn(|r| {
-                if jb + r < nk {
-                    k0.add((jb + r) * kst)
-                } else {
-                    sc.zero.as_ptr()
-                }
-            });
+            let kr = block_rows((k0, kst), jb, nk, sc.zero.as_ptr());
             let (mut c, c1) = (lo / 16, hi.div_ceil(16));
             while c < c1 {
                 let nv = (c1 - c).min(x86::QK_VECS);

@@ -12,7 +12,7 @@
 
 use super::backward::sums;
 use super::band::x86 as bx;
-use super::band::{applies as band_applies, key_blocks, rows_of, QB};
+use super::band::{applies as band_applies, block_rows, key_blocks, rows_of, QB};
 use super::lanes::Src;
 use super::{group_window, Geo, NaDims, SharedMut};
 use crate::buffer_pool::{take_filled, PoolVec};
@@ -36,11 +36,12 @@ struct Scratch {
     /// The block's dK / dV rows (`[key][d]`, `[key][dv]`), summed over the heads.
     dk: Vec<f32>,
     dv: Vec<f32>,
-    /// Converted rows (non-f32 storage only): keys, values, queries, dO.
+    /// Converted rows (non-f32 storage only): keys, values, queries, dO, O.
     kbuf: Vec<f32>,
     vbuf: Vec<f32>,
     qbuf: Vec<f32>,
     dobuf: Vec<f32>,
+    obuf: Vec<f32>,
     rows: Vec<f32>,
     o: Vec<f32>,
     zero: Vec<f32>,
@@ -61,6 +62,7 @@ impl Scratch {
             vbuf: Vec::new(),
             qbuf: Vec::new(),
             dobuf: Vec::new(),
+            obuf: Vec::new(),
             rows: Vec::new(),
             o: Vec::new(),
             zero: Vec::new(),
@@ -245,13 +247,6 @@ impl BwdTask<'_> {
         sc.o.resize(4 * d, 0.0);
         let qscale = self.scale * std::f32::consts::LOG2_E;
         let zp = sc.zero.as_ptr();
-        let key = |jb: usize, r: usize, base: *const f32, st: usize| {
-            if jb + r < nk {
-                base.add((jb + r) * st)
-            } else {
-                zp
-            }
-        };
         for (hi_, h) in (self.kh * self.group..(self.kh + 1) * self.group).enumerate() {
             let qs = Src::new(x.q, self.hq, h, d);
             let dos = Src::new(x.dout, self.hq, h, dvw);
@@ -267,20 +262,13 @@ impl BwdTask<'_> {
                 super::lanes::x86::transpose_block(&ptrs, nr, dvw, 1.0, &mut sc.dot[c..], ss);
             }
             let (do0, dost) = rows_of(&dos, self.b, n, dil, self.g, self.q0, nq, &mut sc.dobuf);
+            let (o0, ost) = rows_of(&os, self.b, n, dil, self.g, self.q0, nq, &mut sc.obuf);
             sc.lse2.clear();
             sc.delta.clear();
             for i in 0..nq {
                 let row = (self.b * n + self.pos(self.q0 + i)) * self.hq + h;
                 sc.lse2.push(lse[row] * std::f32::consts::LOG2_E);
-                let mut tmp = [std::ptr::null(); 16];
-                os.rows(
-                    self.b,
-                    n,
-                    std::iter::once(self.pos(self.q0 + i)),
-                    &mut sc.rows,
-                    &mut tmp,
-                );
-                let o = std::slice::from_raw_parts(tmp[0], dvw);
+                let o = std::slice::from_raw_parts(o0.add(i * ost), dvw);
                 let dor = std::slice::from_raw_parts(do0.add(i * dost), dvw);
                 sc.delta.push(vdot(Level::Avx512, o, dor));
             }
@@ -290,8 +278,8 @@ impl BwdTask<'_> {
             let col_end = |c: usize| win[(16 * c + 15).min(nq - 1)].1 - kb;
             let mut next = 0;
             for (jb, lo, hi) in key_blocks(win, kb, nk) {
-                let kr: [*const f32; 4] = std::array::from_fn(|r| key(jb, r, k0, kst));
-                let vr: [*const f32; 4] = std::array::from_fn(|r| key(jb, r, v0, vst));
+                let kr = block_rows((k0, kst), jb, nk, zp);
+                let vr = block_rows((v0, vst), jb, nk, zp);
                 let (mut c, c1) = (lo / 16, hi.div_ceil(16));
                 while c < c1 {
                     let nv = (c1 - c).min(bx::QK_VECS);
@@ -317,7 +305,7 @@ impl BwdTask<'_> {
                     c += nv;
                 }
                 while next < cols && col_end(next) <= jb + 4 {
-                    self.column(sc, next, kb, nk4, ss, (k0, kst), h, f32_io, dqp);
+                    self.column(sc, next, kb, nk4, ss, (k0, kst, d), h, f32_io, dqp);
                     next += 1;
                 }
             }
@@ -385,7 +373,7 @@ impl BwdTask<'_> {
         kb: usize,
         nk4: usize,
         ss: usize,
-        (k0, kst): (*const f32, usize),
+        (k0, kst, d): (*const f32, usize, usize),
         h: usize,
         f32_io: bool,
         dqp: &SharedMut<E>,
@@ -393,7 +381,6 @@ impl BwdTask<'_> {
         let geo = self.geo;
         let win = self.win;
         let nq = win.len();
-        let d = sc.o.len() / 4;
         let c0 = 16 * c;
         let nl = (nq - c0).min(16);
         let mut wlo = [i32::MAX; 16];
