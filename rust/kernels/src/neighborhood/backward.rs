@@ -153,6 +153,11 @@ pub(super) fn run<E: Element>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if super::cube_bwd::applies::<E>(level, dims, geo) {
+        super::cube_bwd::run(dims, geo, scale, q, k, v, out, dout, lse, dq, dk, dv);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::lanes_bwd::applies::<E>(level, dims, geo) {
         super::lanes_bwd::run(dims, geo, scale, q, k, v, out, dout, lse, dq, dk, dv);
         return;

@@ -78,6 +78,11 @@ pub(super) fn run<E: Element>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if super::cube::applies::<E>(level, dims, geo) {
+        super::cube::run(dims, geo, scale, q, k, v, out, lse);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::lanes::applies::<E>(level, dims, geo) {
         super::lanes::run(dims, geo, scale, q, k, v, out, lse);
         return;

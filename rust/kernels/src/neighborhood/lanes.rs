@@ -64,13 +64,41 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
 /// Per-thread buffers (the transposed key / value lines pooled across calls, with the
 /// values they held: fresh allocations of their size fault in every page, and clearing
 /// them cost ~10% of a forward).
-struct Scratch {
-    qt: Vec<f32>,
-    kt: PoolVec<f32>,
-    vt: PoolVec<f32>,
+pub(super) struct Scratch {
+    pub(super) qt: Vec<f32>,
+    pub(super) kt: PoolVec<f32>,
+    pub(super) vt: PoolVec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
-    rows: Vec<f32>,
+    pub(super) rows: Vec<f32>,
+}
+
+impl Scratch {
+    pub(super) fn new() -> Self {
+        Scratch {
+            qt: Vec::new(),
+            kt: take_filled(0),
+            vt: take_filled(0),
+            s: Vec::new(),
+            o: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Sizes the query, score and output buffers of one step, and the key / value lines to
+    /// hold `lines` transposed lines.
+    pub(super) fn fit(&mut self, geo: &Geo, d: usize, dv: usize, xp: usize, lines: usize) {
+        if self.kt.len() < lines * d * xp {
+            self.kt.resize(lines * d * xp, 0.0);
+        }
+        if self.vt.len() < lines * dv * xp {
+            self.vt.resize(lines * dv * xp, 0.0);
+        }
+        self.qt.resize(LINES * d * xp, 0.0);
+        let nkeys = geo.k.iter().product::<usize>();
+        self.s.resize(LINES * nkeys * 16, 0.0);
+        self.o.resize(LINES * dv.next_multiple_of(16) * 16, 0.0);
+    }
 }
 
 /// Rows of one head of a heads-last tensor, as f32 (converted through `tmp` when needed).
@@ -168,18 +196,11 @@ pub(super) fn run<E: Element>(
             let kh = task % hkv;
             let (g, y0, y1) = bands[(task / hkv) % bands.len()];
             let bi = task / (hkv * bands.len());
-            let init = || Scratch {
-                qt: Vec::new(),
-                kt: take_filled(0),
-                vt: take_filled(0),
-                s: Vec::new(),
-                o: Vec::new(),
-                rows: Vec::new(),
-            };
-            scratch.with(init, |sc| {
+            scratch.with(Scratch::new, |sc| {
                 let ctx = Band {
                     geo,
                     g,
+                    z: 0,
                     y: (y0, y1),
                     b: bi,
                     n,
@@ -208,10 +229,13 @@ fn bands_per_group(lines: usize, tasks: usize, threads: usize) -> usize {
     nb
 }
 
-/// One task's rows: group `g`, group rows `y.0..y.1`, batch entry `b`.
+/// One task's rows: group `g`, group rows `y.0..y.1` of plane `z`, batch entry `b`.
+#[derive(Clone, Copy)]
 pub(super) struct Band<'a> {
     pub(super) geo: &'a Geo,
     pub(super) g: [usize; 3],
+    /// Plane (group coordinate of the leading dimension; 0 in 2-D).
+    pub(super) z: usize,
     pub(super) y: (usize, usize),
     pub(super) b: usize,
     pub(super) n: usize,
@@ -226,7 +250,7 @@ impl Band<'_> {
 
     /// Row index of group position `(y, x)` for head `h` of `heads`.
     pub(super) fn row(&self, heads: usize, h: usize, y: usize, x: usize) -> usize {
-        (self.b * self.n + self.geo.pos(self.g, [0, y, x])) * heads + h
+        (self.b * self.n + self.geo.pos(self.g, [self.z, y, x])) * heads + h
     }
 
     pub(super) fn win(&self, dim: usize, i: usize) -> (usize, usize) {
@@ -251,7 +275,7 @@ impl Band<'_> {
         while x0 < nx {
             let nr = (nx - x0).min(16);
             rows.resize(16 * w, 0.0);
-            let pos = (x0..x0 + nr).map(|x| self.geo.pos(self.g, [0, y, x]));
+            let pos = (x0..x0 + nr).map(|x| self.geo.pos(self.g, [self.z, y, x]));
             let mut ptrs = [std::ptr::null(); 16];
             src.rows(self.b, self.n, pos, rows, &mut ptrs);
             // SAFETY: `applies` checked AVX-512F; `ptrs[..nr]` are rows of `w` values (in
@@ -262,10 +286,14 @@ impl Band<'_> {
         // Idle lanes of the last block read up to `k2` columns past it; the rest of the
         // padding is never read (zeroing all of it was ~18% of a 3-D k = 3 forward, when
         // that ran here).
+        // A few columns per row: masked stores (a `fill` per row was a `memset` call each,
+        // 6% of a 3-D forward).
         let done = nx.next_multiple_of(16);
         let end = (done + self.geo.k[2]).min(xp);
-        for c in 0..w {
-            dst[c * xp + done..c * xp + end].fill(0.0);
+        if end > done {
+            assert!(dst.len() >= (w - 1) * xp + end);
+            // SAFETY: as above; every row's columns `done..end` lie inside `dst`.
+            unsafe { x86::zero_cols(dst.as_mut_ptr(), w, xp, done, end) };
         }
     }
 
@@ -295,26 +323,14 @@ impl Band<'_> {
         // Key lines held: what one step's windows span (windows move monotonically, so a
         // line older than the current step's first is not needed again).
         let cap = steps().map(|y| span(y).1 - span(y).0).max().unwrap_or(1);
-        if sc.kt.len() < cap * d * xp {
-            sc.kt.resize(cap * d * xp, 0.0);
-        }
-        if sc.vt.len() < cap * dv * xp {
-            sc.vt.resize(cap * dv * xp, 0.0);
-        }
-        sc.qt.resize(LINES * d * xp, 0.0);
-        let nkeys = geo.k.iter().product::<usize>();
-        sc.s.resize(LINES * nkeys * 16, 0.0);
-        let osz = dv.next_multiple_of(16) * 16;
-        sc.o.resize(LINES * osz, 0.0);
-        let mut keyrows: Vec<x86::KeyRow> = Vec::with_capacity(LINES * nkeys);
+        sc.fit(geo, d, dv, xp, cap);
+        let mut keyrows: Vec<x86::KeyRow> = Vec::new();
         let mut qt = std::mem::take(&mut sc.qt);
-        let ln2 = std::f32::consts::LN_2;
         // Every line of the group has the same blocks.
         let blocks: Vec<Block> = (0..nx)
             .step_by(16)
             .map(|x0| Block::new(self, x0, k2))
             .collect();
-        let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
         let mut knext = self.win(1, self.y.0).0;
         for y in steps() {
             let nlines = LINES.min(self.y.1 - y);
@@ -326,82 +342,143 @@ impl Band<'_> {
                 self.transpose_line(kv.1, knext, 1.0, xp, &mut sc.rows, vt);
                 knext += 1;
             }
-            let wins: [(usize, usize); LINES] =
-                std::array::from_fn(|j| self.win(1, y + j.min(nlines - 1)));
             keyrows.clear();
             let mut next = [0usize; LINES];
-            for bb in wins[0].0..wins[nlines - 1].1 {
-                let mut inside = (0..nlines).filter(|&j| (wins[j].0..wins[j].1).contains(&bb));
-                let Some(j0) = inside.next() else {
-                    continue;
-                };
-                let n = 1 + inside.count();
+            let (kt, vt) = (sc.kt.as_ptr(), sc.vt.as_ptr());
+            self.push_rows(y, nlines, &mut next, &mut keyrows, |bb| {
                 let slot = bb % cap;
-                keyrows.push(x86::KeyRow {
-                    k: sc.kt.as_ptr().add(slot * d * xp),
-                    v: sc.vt.as_ptr().add(slot * dv * xp),
-                    j0,
-                    n,
-                    at: std::array::from_fn(|i| next[(j0 + i).min(LINES - 1)]),
-                });
-                for c in &mut next[j0..j0 + n] {
-                    *c += 1;
-                }
-            }
+                (kt.add(slot * d * xp), vt.add(slot * dv * xp))
+            });
+            let lines = Lines {
+                y,
+                n: nlines,
+                xp,
+                rows: &keyrows,
+                blocks: &blocks,
+            };
             for qsh in qs {
-                let h = qsh.h;
-                for j in 0..nlines {
-                    let dst = &mut qt[j * d * xp..(j + 1) * d * xp];
-                    self.transpose_line(qsh, y + j, qscale, xp, &mut sc.rows, dst);
-                }
-                for (bi, blk) in blocks.iter().enumerate() {
-                    let x0 = 16 * bi;
-                    let q = std::array::from_fn(|j| qt.as_ptr().add(j * d * xp + x0));
-                    let mut s_it = sc.s.chunks_exact_mut(nkeys * 16);
-                    let mut o_it = sc.o.chunks_exact_mut(osz);
-                    let ml = x86::block(
-                        blk,
-                        q,
-                        nlines,
-                        &keyrows,
-                        d,
-                        dv,
-                        xp,
-                        k2,
-                        std::array::from_fn(|_| s_it.next().unwrap()),
-                        std::array::from_fn(|_| o_it.next().unwrap()),
-                    );
-                    for (j, (m, l)) in ml.iter().enumerate().take(nlines) {
-                        // Rows out: `o[c][lane]` (already divided by l) transposed per
-                        // lane, straight into the output for f32, else converted from `rows`.
-                        let row = |lane: usize| self.row(hq, h, y + j, x0 + lane);
-                        sc.rows.resize(16 * dv, 0.0);
-                        let mut dst = [std::ptr::null_mut::<f32>(); 16];
-                        for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
-                            *p = if f32_out {
-                                outp.get().add(row(lane) * dv) as *mut f32
-                            } else {
-                                sc.rows.as_mut_ptr().add(lane * dv)
-                            };
-                        }
-                        x86::untranspose(&sc.o[j * osz..(j + 1) * osz], dv, &dst, blk.nl);
-                        for lane in 0..blk.nl {
-                            let r = row(lane);
-                            if !f32_out {
-                                let dst =
-                                    std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
-                                let src = &sc.rows[lane * dv..(lane + 1) * dv];
-                                // SAFETY: `E::Acc` is f32.
-                                E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
-                            }
-                            *lsep.get().add(r) = m[lane] * ln2 + l[lane].ln();
-                        }
-                    }
-                }
+                self.lines(&lines, sc, &mut qt, qsh, qscale, outp, lsep, hq);
             }
         }
         sc.qt = qt;
     }
+
+    /// Appends the key rows of one key plane's lines for query lines `y .. y + nlines`
+    /// (of this band's plane), in order, counting each line's window rows in `next`;
+    /// `line(bb)` gives key line `bb`'s transposed keys and values.
+    pub(super) fn push_rows(
+        &self,
+        y: usize,
+        nlines: usize,
+        next: &mut [usize; LINES],
+        rows: &mut Vec<x86::KeyRow>,
+        line: impl Fn(usize) -> (*const f32, *const f32),
+    ) {
+        let wins: [(usize, usize); LINES] =
+            std::array::from_fn(|j| self.win(1, y + j.min(nlines - 1)));
+        for bb in wins[0].0..wins[nlines - 1].1 {
+            let mut inside = (0..nlines).filter(|&j| (wins[j].0..wins[j].1).contains(&bb));
+            let Some(j0) = inside.next() else {
+                continue;
+            };
+            let n = 1 + inside.count();
+            let (k, v) = line(bb);
+            rows.push(x86::KeyRow {
+                k,
+                v,
+                j0,
+                n,
+                at: std::array::from_fn(|i| next[(j0 + i).min(LINES - 1)]),
+            });
+            for c in &mut next[j0..j0 + n] {
+                *c += 1;
+            }
+        }
+    }
+
+    /// One step's query lines (`l.y ..`, this band's plane) of q head `qsh` against the key
+    /// rows `l.rows`: out rows and lse written.
+    ///
+    /// # Safety
+    /// AVX-512F; the rows' pointers valid transposed lines of `l.xp` columns; the caller
+    /// owns these queries' out / lse rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn lines<E: Element>(
+        &self,
+        l: &Lines<'_>,
+        sc: &mut Scratch,
+        qt: &mut [f32],
+        qsh: &Src<'_, E>,
+        qscale: f32,
+        outp: SharedMut<E>,
+        lsep: SharedMut<f32>,
+        hq: usize,
+    ) {
+        let (d, dv, xp, k2) = (qsh.w, self.dv, l.xp, self.geo.k[2]);
+        let (y, nlines) = (l.y, l.n);
+        let nkeys = self.geo.k.iter().product::<usize>();
+        let osz = dv.next_multiple_of(16) * 16;
+        let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
+        let ln2 = std::f32::consts::LN_2;
+        let h = qsh.h;
+        for j in 0..nlines {
+            let dst = &mut qt[j * d * xp..(j + 1) * d * xp];
+            self.transpose_line(qsh, y + j, qscale, xp, &mut sc.rows, dst);
+        }
+        for (bi, blk) in l.blocks.iter().enumerate() {
+            let x0 = 16 * bi;
+            let q = std::array::from_fn(|j| qt.as_ptr().add(j * d * xp + x0));
+            let mut s_it = sc.s.chunks_exact_mut(nkeys * 16);
+            let mut o_it = sc.o.chunks_exact_mut(osz);
+            let ml = x86::block(
+                blk,
+                q,
+                nlines,
+                l.rows,
+                d,
+                dv,
+                xp,
+                k2,
+                std::array::from_fn(|_| s_it.next().unwrap()),
+                std::array::from_fn(|_| o_it.next().unwrap()),
+            );
+            for (j, (m, lsum)) in ml.iter().enumerate().take(nlines) {
+                // Rows out: `o[c][lane]` (already divided by l) transposed per lane,
+                // straight into the output for f32, else converted from `rows`.
+                let row = |lane: usize| self.row(hq, h, y + j, x0 + lane);
+                sc.rows.resize(16 * dv, 0.0);
+                let mut dst = [std::ptr::null_mut::<f32>(); 16];
+                for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
+                    *p = if f32_out {
+                        outp.get().add(row(lane) * dv) as *mut f32
+                    } else {
+                        sc.rows.as_mut_ptr().add(lane * dv)
+                    };
+                }
+                x86::untranspose(&sc.o[j * osz..(j + 1) * osz], dv, &dst, blk.nl);
+                for lane in 0..blk.nl {
+                    let r = row(lane);
+                    if !f32_out {
+                        let dst = std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
+                        let src = &sc.rows[lane * dv..(lane + 1) * dv];
+                        // SAFETY: `E::Acc` is f32.
+                        E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
+                    }
+                    *lsep.get().add(r) = m[lane] * ln2 + lsum[lane].ln();
+                }
+            }
+        }
+    }
+}
+
+/// One step of a band: query lines `y .. y + n`, their key rows, the line's blocks.
+pub(super) struct Lines<'a> {
+    pub(super) y: usize,
+    pub(super) n: usize,
+    /// Row stride of the transposed lines.
+    pub(super) xp: usize,
+    pub(super) rows: &'a [x86::KeyRow],
+    pub(super) blocks: &'a [Block],
 }
 
 /// The lanes of one block of queries `x0 .. x0 + nl` of a line.
@@ -508,6 +585,29 @@ pub(super) mod x86 {
         }
     }
 
+    /// Zeroes columns `a..b` of `w` rows of stride `xp`.
+    ///
+    /// # Safety
+    /// AVX-512F; `dst` valid for writes at `c·xp + a .. c·xp + b`, `c < w`.
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::neighborhood) unsafe fn zero_cols(
+        dst: *mut f32,
+        w: usize,
+        xp: usize,
+        a: usize,
+        b: usize,
+    ) {
+        for c in 0..w {
+            let mut x = a;
+            while x < b {
+                let n = (b - x).min(16);
+                let k = ((1u32 << n) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(dst.add(c * xp + x), k, _mm512_setzero_ps());
+                x += n;
+            }
+        }
+    }
+
     /// `dst[l][c] = o[c·16 + l]` for lanes `l < nl`.
     ///
     /// # Safety
@@ -519,13 +619,34 @@ pub(super) mod x86 {
         dst: &[*mut f32; 16],
         nl: usize,
     ) {
-        assert!(o.len() >= w.next_multiple_of(16) * 16 && nl <= 16);
+        assert!(o.len() >= w * 16 && nl <= 16);
+        untranspose_strided(o.as_ptr(), 16, w, 1.0, dst, nl);
+    }
+
+    /// `dst[l][c] = scale · o[c·stride + l]` for lanes `l < nl`, columns `c < w`.
+    ///
+    /// # Safety
+    /// AVX-512F; `o` valid for 16 reads at each `c·stride`, `dst[..nl]` for `w` writes each.
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::neighborhood) unsafe fn untranspose_strided(
+        o: *const f32,
+        stride: usize,
+        w: usize,
+        scale: f32,
+        dst: &[*mut f32; 16],
+        nl: usize,
+    ) {
+        let sv = _mm512_set1_ps(scale);
         let mut r = [_mm512_setzero_ps(); 16];
         let mut c0 = 0;
         while c0 < w {
             let nc = (w - c0).min(16);
             for (c, rc) in r.iter_mut().enumerate() {
-                *rc = _mm512_loadu_ps(o.as_ptr().add((c0 + c) * 16));
+                *rc = if c < nc {
+                    _mm512_mul_ps(_mm512_loadu_ps(o.add((c0 + c) * stride)), sv)
+                } else {
+                    _mm512_setzero_ps()
+                };
             }
             transpose16(&mut r);
             let k = ((1u32 << nc) - 1) as __mmask16;

@@ -63,6 +63,7 @@ fn largest_plan(dims: &NaDims, geo: &Geo) -> Plan {
     Plan::new(&Band {
         geo,
         g: [0; 3],
+        z: 0,
         y: (0, geo.group_len(1, 0)),
         b: 0,
         n: geo.n,
@@ -210,23 +211,62 @@ impl Scratch {
     }
 }
 
-/// The call's tensors and constants, shared by every task.
-struct Call<'a, E> {
-    d: usize,
-    dv: usize,
-    hq: usize,
-    hkv: usize,
-    scale: f32,
-    qscale: f32,
-    q: &'a [E],
-    k: &'a [E],
-    v: &'a [E],
-    out: &'a [E],
-    dout: &'a [E],
-    lse: &'a [f32],
-    dq: SharedMut<E>,
-    dk: SharedMut<E>,
-    dvv: SharedMut<E>,
+/// The call's tensors and constants, shared by every task (of this backward and of
+/// `super::cube_bwd`).
+pub(super) struct Call<'a, E> {
+    pub(super) d: usize,
+    pub(super) dv: usize,
+    pub(super) hq: usize,
+    pub(super) hkv: usize,
+    pub(super) scale: f32,
+    pub(super) qscale: f32,
+    pub(super) q: &'a [E],
+    pub(super) k: &'a [E],
+    pub(super) v: &'a [E],
+    pub(super) out: &'a [E],
+    pub(super) dout: &'a [E],
+    pub(super) lse: &'a [f32],
+    pub(super) dq: SharedMut<E>,
+    pub(super) dk: SharedMut<E>,
+    pub(super) dvv: SharedMut<E>,
+}
+
+impl<'a, E: Element> Call<'a, E> {
+    /// # Safety
+    /// `E::Acc` is f32; the tasks write disjoint parts of dq / dk / dv (through the
+    /// `SharedMut`s) while the call lives.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn new(
+        dims: &NaDims,
+        scale: f64,
+        q: &'a [E],
+        k: &'a [E],
+        v: &'a [E],
+        out: &'a [E],
+        dout: &'a [E],
+        lse: &'a [E::Acc],
+        dq: &mut [E],
+        dk: &mut [E],
+        dv: &mut [E],
+    ) -> Self {
+        Call {
+            d: dims.head_dim,
+            dv: dims.v_head_dim,
+            hq: dims.q_heads,
+            hkv: dims.kv_heads,
+            scale: scale as f32,
+            qscale: (scale * std::f64::consts::LOG2_E) as f32,
+            q,
+            k,
+            v,
+            out,
+            dout,
+            lse: &*(lse as *const [E::Acc] as *const [f32]),
+            dq: SharedMut(dq.as_mut_ptr()),
+            dk: SharedMut(dk.as_mut_ptr()),
+            dvv: SharedMut(dv.as_mut_ptr()),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -244,25 +284,8 @@ pub(super) fn run<E: Element>(
     dk: &mut [E],
     dv: &mut [E],
 ) {
-    // SAFETY: `applies` checked that `E::Acc` is f32.
-    let lse = unsafe { &*(lse as *const [E::Acc] as *const [f32]) };
-    let call = Call {
-        d: dims.head_dim,
-        dv: dims.v_head_dim,
-        hq: dims.q_heads,
-        hkv: dims.kv_heads,
-        scale: scale as f32,
-        qscale: (scale * std::f64::consts::LOG2_E) as f32,
-        q,
-        k,
-        v,
-        out,
-        dout,
-        lse,
-        dq: SharedMut(dq.as_mut_ptr()),
-        dk: SharedMut(dk.as_mut_ptr()),
-        dvv: SharedMut(dv.as_mut_ptr()),
-    };
+    // SAFETY: `applies` checked that `E::Acc` is f32; tasks write disjoint rows (below).
+    let call = unsafe { Call::new(dims, scale, q, k, v, out, dout, lse, dq, dk, dv) };
     let groups = geo.d[1] * geo.d[2];
     let hkv = dims.kv_heads;
     let plan0 = largest_plan(dims, geo);
@@ -280,6 +303,7 @@ pub(super) fn run<E: Element>(
             let band = Band {
                 geo,
                 g,
+                z: 0,
                 y: (0, geo.group_len(1, g[1])),
                 b,
                 n: geo.n,
@@ -448,7 +472,7 @@ unsafe fn lines<E: Element>(
         }
         for x0 in (0..nx).step_by(16) {
             let nl = (nx - x0).min(16);
-            let pos = |x: usize| band.geo.pos(band.g, [0, y, x]);
+            let pos = |x: usize| band.geo.pos(band.g, [band.z, y, x]);
             let (mut pa, mut pb) = ([std::ptr::null(); 16], [std::ptr::null(); 16]);
             os.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut sc.ta, &mut pa);
             dos.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut sc.tb, &mut pb);

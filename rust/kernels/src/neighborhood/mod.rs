@@ -34,6 +34,10 @@ mod backward;
 mod band;
 #[cfg(target_arch = "x86_64")]
 mod band_bwd;
+#[cfg(target_arch = "x86_64")]
+mod cube;
+#[cfg(target_arch = "x86_64")]
+mod cube_bwd;
 mod forward;
 // AVX-512 only: other targets always take the tiled path.
 #[cfg(target_arch = "x86_64")]

@@ -437,3 +437,93 @@ fn band_path_matches_reference() {
         check_every_level(ci, c, 0x2545_F491_4F6C_DD1D + ci as u64);
     }
 }
+
+/// 3-D calls with small windows take the cube forward and (with a task per thread) backward
+/// at AVX-512: lines that are not multiples of 16, line edges (permuted loads and their
+/// adjoint), causal and even kernels, a kernel as long as its dimension, stride, dilation,
+/// GQA, `Dv ≠ D`.
+#[test]
+fn cube_path_matches_reference() {
+    let cases = [
+        case(
+            &[5, 7, 20],
+            2,
+            1,
+            16,
+            24,
+            0,
+            &[3, 3, 3],
+            &[1, 1, 1],
+            &[1, 1, 1],
+            &[false, false, false],
+        ),
+        case(
+            &[6, 9, 33],
+            2,
+            2,
+            8,
+            8,
+            0,
+            &[2, 3, 5],
+            &[2, 1, 1],
+            &[1, 2, 1],
+            &[true, false, true],
+        ),
+        case(
+            &[4, 5, 16],
+            2,
+            2,
+            17,
+            9,
+            0,
+            &[4, 4, 4],
+            &[1, 1, 1],
+            &[1, 1, 1],
+            &[false, false, false],
+        ),
+        case(
+            &[7, 6, 26],
+            2,
+            2,
+            12,
+            12,
+            0,
+            &[3, 2, 3],
+            &[3, 1, 1],
+            &[2, 1, 2],
+            &[false, true, false],
+        ),
+        case(
+            &[3, 4, 12],
+            2,
+            2,
+            16,
+            16,
+            0,
+            &[2, 2, 12],
+            &[1, 2, 1],
+            &[1, 1, 1],
+            &[false, false, true],
+        ),
+    ];
+    for (ci, c) in cases.iter().enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let geo = validate(&c.dims, &c.p).unwrap();
+            let avx512 = simd::available().contains(&simd::Level::Avx512);
+            let lvl = simd::Level::Avx512;
+            assert_eq!(
+                super::cube::applies::<f32>(lvl, &c.dims, &geo),
+                avx512,
+                "case {ci}"
+            );
+            let tasks = c.dims.batch * geo.d.iter().product::<usize>() * c.dims.kv_heads;
+            assert_eq!(
+                super::cube_bwd::applies::<f32>(lvl, &c.dims, &geo),
+                avx512 && tasks >= rayon::current_num_threads(),
+                "case {ci}"
+            );
+        }
+        check_every_level(ci, c, 0x94D0_49BB_1331_11EB + ci as u64);
+    }
+}
