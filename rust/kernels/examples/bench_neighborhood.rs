@@ -44,7 +44,26 @@ fn main() {
         ("na2d 48x48 k=11 D=32", 1, &[48, 48], 4, 32, 11, 1),
         ("na2d 48x48 k=9 D=32", 1, &[48, 48], 4, 32, 9, 1),
         ("na2d 64x64 k=3 D=32", 1, &[64, 64], 4, 32, 3, 1),
+        ("na3d 16x16x16 k=3 D=32", 1, &[16, 16, 16], 4, 32, 3, 1),
+        ("na3d 12x24x24 k=3 d=2 D=32", 1, &[12, 24, 24], 4, 32, 3, 2),
+        ("na3d 8x32x32 k=4 D=32", 1, &[8, 32, 32], 4, 32, 4, 1),
+        ("na3d 8x20x20 k=3 D=128", 1, &[8, 20, 20], 2, 128, 3, 1),
     ];
+    // BENCH_EXTRA="8x32x32:3:64:4:1" (spatial : kernel : head dim : heads : dilation) times
+    // that shape alone instead (for trying shapes not listed).
+    let extra = std::env::var("BENCH_EXTRA").ok().map(|e| {
+        let f: Vec<&str> = e.split(':').collect();
+        let sp: Vec<usize> = f[0].split('x').map(|x| x.parse().unwrap()).collect();
+        let num = |i: usize| f[i].parse::<usize>().unwrap();
+        (sp, num(1), num(2), num(3), num(4))
+    });
+    let extra_shape = extra
+        .as_ref()
+        .map(|(sp, k, d, h, dil)| ("extra", 1, sp.as_slice(), *h, *d, *k, *dil));
+    let shapes = match &extra_shape {
+        Some(x) => std::slice::from_ref(x),
+        None => shapes,
+    };
     println!(
         "{:<32} {:>9} {:>9} {:>11} {:>9}",
         "shape", "fwd ms", "GFLOP/s", "fwd+bwd ms", "GFLOP/s"

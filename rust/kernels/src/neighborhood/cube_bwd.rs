@@ -4,12 +4,13 @@
 //! A task owns one (batch entry, dilation group, kv head) and streams its planes in order,
 //! the transposed key / value lines of the planes the current windows span in a ring, as
 //! the forward does. Per step of query lines it recomputes S and P from the saved lse, dP,
-//! dS and dQ with the forward's lane kernels. dK / dV are the adjoint of the forward's key
-//! / value loads: for window column `dx` lane `l` read key column `base + idx[l] + dx`, so
-//! the products `dS·Q` (`P·dO`) of a key row go back through the inverse permutation and
-//! are added at `base + dx` into transposed dK / dV lines, a ring beside the key ring. A
-//! plane's dK / dV are written out once no later window holds it, so nothing is shared
-//! between tasks and nothing is zeroed but the ring slot a plane enters.
+//! dS and dQ with the forward's lane kernels, and keeps the lines' Qᵀ, dOᵀ, P and dS in a
+//! ring of query planes. Once no later window holds a key plane, each of its key lines sums
+//! `dS·Q` (`P·dO`) over every stored query line whose window holds it, per window column
+//! in the query lanes (accumulators in registers), then sends the sums back through the
+//! adjoint of the forward's key loads (for window column `dx` lane `l` read key column
+//! `base + idx[l] + dx`) into the key columns, and writes dK / dV once: nothing is shared
+//! between tasks or zeroed in memory.
 
 use super::cube::Ring;
 use super::lanes::{x86 as lx, Band, Block, Src, LINES};
@@ -21,7 +22,7 @@ use crate::per_thread::PerThread;
 use crate::simd::Level;
 use rayon::prelude::*;
 
-/// Most bytes of a task's rings (transposed K, V, dK, dV planes).
+/// Most bytes of a task's rings (transposed key / value planes, stored query planes).
 const MAX_TASK_BYTES: usize = 32 << 20;
 
 /// Whether the backward runs here: the forward's conditions, a (batch, group, kv head)
@@ -34,9 +35,18 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
     if tasks < rayon::current_num_threads() {
         return false;
     }
-    let xp = line_stride(geo.group_len(2, 0) + geo.k[2], geo.k[2]);
-    let lines = geo.k[0] * geo.group_len(1, 0);
-    2 * lines * (dims.head_dim + dims.v_head_dim) * xp * 4 <= MAX_TASK_BYTES
+    // Group 0 is the longest in every dimension.
+    let band = Band {
+        geo,
+        g: [0; 3],
+        z: 0,
+        y: (0, geo.group_len(1, 0)),
+        b: 0,
+        n: geo.n,
+        dv: dims.v_head_dim,
+    };
+    let layout = Layout::new(&band, dims.q_heads / dims.kv_heads);
+    layout.bytes(dims.head_dim, dims.v_head_dim) <= MAX_TASK_BYTES
 }
 
 /// Row stride of a transposed line whose blocks' loads start at most at `base_max`.
@@ -49,18 +59,15 @@ fn line_stride(base_max: usize, k2: usize) -> usize {
 struct Scratch {
     kt: PoolVec<f32>,
     vt: PoolVec<f32>,
-    /// Per ring line and block, dS·Q / P·dO per window column in the query lanes:
-    /// `[block][dx][channel][16]`.
-    dks: PoolVec<f32>,
-    dvs: PoolVec<f32>,
-    /// Per ring line and block: not yet written this plane (its first sum stores).
-    fresh: Vec<bool>,
-    /// One key line's dK / dV in columns (`[channel][xp]`), folded from `dks` / `dvs`.
+    /// Stored query lines (see [`Store`]): Qᵀ (times `scale·log2 e`), dOᵀ, P, dS.
+    qt: PoolVec<f32>,
+    dot: PoolVec<f32>,
+    p: PoolVec<f32>,
+    ds: PoolVec<f32>,
+    /// One key line's dK / dV in columns (`[channel][xp]`).
     fold: Vec<f32>,
-    qt: Vec<f32>,
-    dot: Vec<f32>,
-    s: Vec<f32>,
-    dp: Vec<f32>,
+    /// One block's sums per window column, `[dx][channel][16]`.
+    cols: Vec<f32>,
     o: Vec<f32>,
     lse2: Vec<f32>,
     delta: Vec<f32>,
@@ -74,14 +81,12 @@ impl Scratch {
         Scratch {
             kt: take_filled(0),
             vt: take_filled(0),
-            dks: take_filled(0),
-            dvs: take_filled(0),
-            fresh: Vec::new(),
+            qt: take_filled(0),
+            dot: take_filled(0),
+            p: take_filled(0),
+            ds: take_filled(0),
             fold: Vec::new(),
-            qt: Vec::new(),
-            dot: Vec::new(),
-            s: Vec::new(),
-            dp: Vec::new(),
+            cols: Vec::new(),
             o: Vec::new(),
             lse2: Vec::new(),
             delta: Vec::new(),
@@ -140,6 +145,125 @@ pub(super) fn run<E: Element>(
         });
 }
 
+/// The task's schedule along the planes and its ring of stored query planes: after query
+/// plane `z`, the key planes before `win(z + 1).0` are finished; a finished key plane sums
+/// over the query planes whose windows hold it (`inv`), all within the last `capq`.
+struct Store {
+    /// Per key plane, the query planes `[first, end)` whose windows hold it.
+    inv_z: Vec<(usize, usize)>,
+    /// Per key line, the query lines `[first, end)` whose windows hold it.
+    inv_y: Vec<(usize, usize)>,
+    capq: usize,
+    ny: usize,
+    group: usize,
+    nb: usize,
+    nkeys: usize,
+}
+
+impl Store {
+    fn new(band: &Band<'_>, group: usize, nb: usize) -> Self {
+        let inv = |dim: usize| -> Vec<(usize, usize)> {
+            let n = band.len(dim);
+            let mut inv = vec![(usize::MAX, 0); n];
+            for i in 0..n {
+                let (s, e) = band.win(dim, i);
+                for r in &mut inv[s..e] {
+                    r.0 = r.0.min(i);
+                    r.1 = i + 1;
+                }
+            }
+            inv
+        };
+        let (inv_z, inv_y) = (inv(0), inv(1));
+        let nz = band.len(0);
+        let mut capq = 1;
+        let mut fin = 0;
+        for z in 0..nz {
+            let until = Self::until(band, z);
+            for &(first, _) in &inv_z[fin..until] {
+                if first <= z {
+                    capq = capq.max(z + 1 - first);
+                }
+            }
+            fin = fin.max(until);
+        }
+        Store {
+            inv_z,
+            inv_y,
+            capq,
+            ny: band.len(1),
+            group,
+            nb,
+            nkeys: band.geo.k.iter().product(),
+        }
+    }
+
+    /// Key planes before this one are finished once query plane `z` is done.
+    fn until(band: &Band<'_>, z: usize) -> usize {
+        if z + 1 < band.len(0) {
+            band.win(0, z + 1).0
+        } else {
+            band.len(0)
+        }
+    }
+
+    /// Index of query line `y` of plane `z`, q head `hi` of the group.
+    fn line(&self, z: usize, y: usize, hi: usize) -> usize {
+        ((z % self.capq) * self.ny + y) * self.group + hi
+    }
+
+    fn lines(&self) -> usize {
+        self.capq * self.ny * self.group
+    }
+
+    /// Offset of block `bi`'s P / dS of stored line `i`: `[window key][16]`.
+    fn pds(&self, i: usize, bi: usize) -> usize {
+        (i * self.nb + bi) * self.nkeys * 16
+    }
+}
+
+/// A task's blocks along the line, line stride, key planes held and stored query lines.
+struct Layout {
+    blocks: Vec<Block>,
+    xp: usize,
+    capz: usize,
+    store: Store,
+}
+
+impl Layout {
+    fn new(band: &Band<'_>, group: usize) -> Self {
+        let (nz, nx, k2) = (band.len(0), band.len(2), band.geo.k[2]);
+        let blocks: Vec<Block> = (0..nx)
+            .step_by(16)
+            .map(|x0| Block::new(band, x0, k2))
+            .collect();
+        let base_max = blocks.iter().map(|b| b.base).max().unwrap_or(0);
+        let xp = line_stride(base_max, k2).max(nx.next_multiple_of(16));
+        let capz = (0..nz)
+            .map(|z| {
+                let (s, e) = band.win(0, z);
+                e - s
+            })
+            .max()
+            .unwrap_or(1);
+        let store = Store::new(band, group, blocks.len());
+        Layout {
+            blocks,
+            xp,
+            capz,
+            store,
+        }
+    }
+
+    /// Bytes of the task's key / value ring and stored query lines.
+    fn bytes(&self, d: usize, dv: usize) -> usize {
+        let (st, xp) = (&self.store, self.xp);
+        let kv = self.capz * st.ny * (d + dv) * xp;
+        let q = st.lines() * (d + dv) * xp + 2 * st.pds(st.lines(), 0);
+        4 * (kv + q)
+    }
+}
+
 /// # Safety
 /// AVX-512F; the task owns the rows it writes (see `run`).
 #[target_feature(enable = "avx512f")]
@@ -148,38 +272,28 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
     let (d, dv) = (c.d, c.dv);
     let group = c.hq / c.hkv;
     let (nz, ny, nx, k2) = (band.len(0), band.len(1), band.len(2), geo.k[2]);
-    let blocks: Vec<Block> = (0..nx)
-        .step_by(16)
-        .map(|x0| Block::new(band, x0, k2))
-        .collect();
+    let Layout {
+        blocks,
+        xp,
+        capz,
+        store,
+    } = Layout::new(band, group);
     let adj: Vec<Adjoint> = blocks.iter().map(Adjoint::new).collect();
-    let base_max = blocks.iter().map(|b| b.base).max().unwrap_or(0);
-    let xp = line_stride(base_max, k2).max(nx.next_multiple_of(16));
     let done = nx.next_multiple_of(16);
-    let capz = (0..nz)
-        .map(|z| {
-            let (s, e) = band.win(0, z);
-            e - s
-        })
-        .max()
-        .unwrap_or(1);
-    let nkeys = geo.k.iter().product::<usize>();
     let fit = |v: &mut Vec<f32>, len: usize| {
         if v.len() < len {
             v.resize(len, 0.0);
         }
     };
-    let nb = blocks.len();
+    let nl = store.lines();
     fit(&mut sc.kt, capz * ny * d * xp);
     fit(&mut sc.vt, capz * ny * dv * xp);
-    fit(&mut sc.dks, capz * ny * nb * k2 * d * 16);
-    fit(&mut sc.dvs, capz * ny * nb * k2 * dv * 16);
-    sc.fresh.resize(capz * ny * nb, true);
+    fit(&mut sc.qt, nl * d * xp);
+    fit(&mut sc.dot, nl * dv * xp);
+    fit(&mut sc.p, store.pds(nl, 0));
+    fit(&mut sc.ds, store.pds(nl, 0));
     fit(&mut sc.fold, d.max(dv) * xp);
-    fit(&mut sc.qt, LINES * d * xp);
-    fit(&mut sc.dot, LINES * dv * xp);
-    fit(&mut sc.s, LINES * nkeys * 16);
-    fit(&mut sc.dp, LINES * nkeys * 16);
+    fit(&mut sc.cols, k2 * d.max(dv) * 16);
     fit(&mut sc.o, LINES * d.next_multiple_of(16) * 16);
     fit(&mut sc.lse2, LINES * done);
     fit(&mut sc.delta, LINES * done);
@@ -195,10 +309,10 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
     };
     let mut keyrows: Vec<lx::KeyRow> = Vec::new();
     let mut krows: Vec<lx::KeyRow> = Vec::new();
+    let mut pairs = Pairs::default();
     let mut znext = 0;
     let mut fin = 0;
     for z in 0..nz {
-        // Planes entering a window: transposed K / V, their lane sums not yet written.
         while znext < band.win(0, z).1 {
             ring.load(
                 band,
@@ -208,8 +322,6 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
                 &mut sc.vt,
                 &mut sc.rows,
             );
-            let s = ring.slot(znext, 0);
-            sc.fresh[s * nb..(s + ny) * nb].fill(true);
             znext += 1;
         }
         let here = Band { z, ..*band };
@@ -234,17 +346,17 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
                 done,
             };
             for hi in 0..group {
-                let h = kh * group + hi;
-                lines(c, &here, &step, &blocks, &keyrows, &krows, sc, h);
+                lines(
+                    c, &here, &step, &store, &blocks, &keyrows, &krows, sc, kh, hi,
+                );
             }
         }
-        // Planes no later window holds: dK / dV out.
-        let until = if z + 1 < nz { band.win(0, z + 1).0 } else { nz };
+        // Key planes no later window holds: dK / dV summed and written out.
+        let until = Store::until(band, z);
         while fin < until {
             let at = Band { z: fin, ..*band };
             for y in 0..ny {
-                let s = ring.slot(fin, y);
-                write_line(c, &at, kh, y, sc, s, xp, &blocks, &adj);
+                finish_line(c, &at, kh, y, sc, &store, xp, &blocks, &adj, &mut pairs);
             }
             fin += 1;
         }
@@ -261,32 +373,52 @@ struct Step {
     done: usize,
 }
 
-/// Query lines of one step for q head `h`: dQ written out, dK / dV added into the rings.
+/// Query lines of one step for q head `hi` of kv head `kh`'s group: dQ written out; Qᵀ,
+/// dOᵀ, P and dS stored.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 unsafe fn lines<E: Element>(
     c: &Call<'_, E>,
     band: &Band<'_>,
     st: &Step,
+    store: &Store,
     blocks: &[Block],
     keyrows: &[lx::KeyRow],
     krows: &[lx::KeyRow],
     sc: &mut Scratch,
-    h: usize,
+    kh: usize,
+    hi: usize,
 ) {
     use std::arch::x86_64::_mm512_loadu_si512;
+    let h = kh * store.group + hi;
     let (d, dv, xp, done) = (c.d, c.dv, st.xp, st.done);
     let k2 = band.geo.k[2];
     let nx = band.len(2);
-    let nkm = band.geo.k.iter().product::<usize>();
     let qs = Src::new(c.q, c.hq, h, d);
     let dos = Src::new(c.dout, c.hq, h, dv);
     let os = Src::new(c.out, c.hq, h, dv);
     let log2e = std::f32::consts::LOG2_E;
-    for j in 0..st.n {
+    let li: [usize; LINES] =
+        std::array::from_fn(|j| store.line(band.z, st.y + j.min(st.n - 1), hi));
+    for (j, &i) in li.iter().enumerate().take(st.n) {
         let y = st.y + j;
-        band.transpose_line(&qs, y, c.qscale, xp, &mut sc.rows, &mut sc.qt[j * d * xp..]);
-        band.transpose_line(&dos, y, 1.0, xp, &mut sc.rows, &mut sc.dot[j * dv * xp..]);
+        let (q0, o0) = (i * d * xp, i * dv * xp);
+        band.transpose_line(
+            &qs,
+            y,
+            c.qscale,
+            xp,
+            &mut sc.rows,
+            &mut sc.qt[q0..q0 + d * xp],
+        );
+        band.transpose_line(
+            &dos,
+            y,
+            1.0,
+            xp,
+            &mut sc.rows,
+            &mut sc.dot[o0..o0 + dv * xp],
+        );
         // lse (base 2) and δ = O·dO per query; zero past the line's end.
         let (lse2, delta) = (
             &mut sc.lse2[j * done..(j + 1) * done],
@@ -310,17 +442,15 @@ unsafe fn lines<E: Element>(
             }
         }
     }
-    let qt: [*const f32; LINES] = std::array::from_fn(|j| sc.qt.as_ptr().add(j * d * xp));
-    let dot: [*const f32; LINES] = std::array::from_fn(|j| sc.dot.as_ptr().add(j * dv * xp));
-    let sp: [*mut f32; LINES] = std::array::from_fn(|j| sc.s.as_mut_ptr().add(j * nkm * 16));
-    let dpp: [*mut f32; LINES] = std::array::from_fn(|j| sc.dp.as_mut_ptr().add(j * nkm * 16));
+    let qt: [*const f32; LINES] = li.map(|i| sc.qt.as_ptr().add(i * d * xp));
+    let dot: [*const f32; LINES] = li.map(|i| sc.dot.as_ptr().add(i * dv * xp));
     let osz = d.next_multiple_of(16) * 16;
     let op: [*mut f32; LINES] = std::array::from_fn(|j| sc.o.as_mut_ptr().add(j * osz));
     let f32_out = std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>();
-    let nb = blocks.len();
-    let (kt0, dks, dvs) = (sc.kt.as_ptr(), sc.dks.as_mut_ptr(), sc.dvs.as_mut_ptr());
     for (bi, blk) in blocks.iter().enumerate() {
         let x0 = 16 * bi;
+        let sp: [*mut f32; LINES] = li.map(|i| sc.p.as_mut_ptr().add(store.pds(i, bi)));
+        let dpp: [*mut f32; LINES] = li.map(|i| sc.ds.as_mut_ptr().add(store.pds(i, bi)));
         let idx = _mm512_loadu_si512(blk.idx.as_ptr() as *const _);
         let perm = !blk.plain;
         let at = |p: [*const f32; LINES]| p.map(|p| p.add(x0));
@@ -371,73 +501,85 @@ unsafe fn lines<E: Element>(
                 }
             }
         }
-        // dS·Q and P·dO per window column, in the query lanes (folded into key columns
-        // when the line is finished).
-        for r in keyrows {
-            // The key row's ring offset (the same slot in every ring).
-            let line = (r.k.offset_from(kt0) as usize) / (d * xp);
-            let ds: [*const f32; LINES] = std::array::from_fn(|i| {
-                dpp[(r.j0 + i).min(LINES - 1)].wrapping_add(r.at[i] * k2 * 16) as *const f32
-            });
-            let p: [*const f32; LINES] = std::array::from_fn(|i| {
-                sp[(r.j0 + i).min(LINES - 1)].wrapping_add(r.at[i] * k2 * 16) as *const f32
-            });
-            let xq: [*const f32; LINES] =
-                std::array::from_fn(|i| qt[(r.j0 + i).min(LINES - 1)].add(x0));
-            let xo: [*const f32; LINES] =
-                std::array::from_fn(|i| dot[(r.j0 + i).min(LINES - 1)].add(x0));
-            let fresh = &mut sc.fresh[line * nb + bi];
-            let gk = dks.add((line * nb + bi) * k2 * d * 16);
-            let gv = dvs.add((line * nb + bi) * k2 * dv * 16);
-            x86::lane_sums(r.n, *fresh, ds, xq, gk, d, xp, k2);
-            x86::lane_sums(r.n, *fresh, p, xo, gv, dv, xp, k2);
-            *fresh = false;
-        }
     }
 }
 
-/// Key line `y` of plane `at.z` (ring line `s`): its lane sums folded into key columns
-/// through the adjoint of the blocks' key loads, dK (times ln 2: the sums used Q times
-/// `scale·log2 e`) and dV written to the outputs.
+/// The stored query lines one key line sums over (one block): per line its dS (P) at the
+/// key line's window row, and its Qᵀ (dOᵀ) at the block.
+#[derive(Default)]
+struct Pairs {
+    s: Vec<*const f32>,
+    x: Vec<*const f32>,
+}
+
+/// Key line `y` of plane `at.z`: dK = Σ dS·Q (times ln 2: Q was stored times
+/// `scale·log2 e`) and dV = Σ P·dO over the stored query lines whose windows hold it,
+/// written to the outputs.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn write_line<E: Element>(
+unsafe fn finish_line<E: Element>(
     c: &Call<'_, E>,
     at: &Band<'_>,
     kh: usize,
     y: usize,
     sc: &mut Scratch,
-    s: usize,
+    store: &Store,
     xp: usize,
     blocks: &[Block],
     adj: &[Adjoint],
+    pairs: &mut Pairs,
 ) {
     let nx = at.len(2);
     let k2 = at.geo.k[2];
-    let nb = blocks.len();
+    let (zk, d, dv) = (at.z, c.d, c.dv);
     let f32_out = std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>();
-    for (sums, outp, w, mul) in [
-        (&sc.dks, c.dk, c.d, std::f32::consts::LN_2),
-        (&sc.dvs, c.dvv, c.dv, 1.0),
-    ] {
-        let fold = &mut sc.fold[..w * xp];
+    let (iz, iy) = (store.inv_z[zk], store.inv_y[y]);
+    for (which, outp, w, mul) in [(0, c.dk, d, std::f32::consts::LN_2), (1, c.dvv, dv, 1.0)] {
+        let fold = sc.fold.as_mut_ptr();
         // Only the columns the blocks' sums reach.
         let end = blocks.last().map_or(0, |b| b.base + k2 + 15).min(xp);
-        lx::zero_cols(fold.as_mut_ptr(), w, xp, 0, end);
+        lx::zero_cols(fold, w, xp, 0, end);
         for (bi, blk) in blocks.iter().enumerate() {
-            if sc.fresh[s * nb + bi] {
-                continue;
+            pairs.s.clear();
+            pairs.x.clear();
+            for zq in iz.0..iz.1 {
+                let (zs, _) = at.win(0, zq);
+                for yq in iy.0..iy.1 {
+                    let (ys, ye) = at.win(1, yq);
+                    let row = (zk - zs) * (ye - ys) + (y - ys);
+                    for hi in 0..store.group {
+                        let i = store.line(zq, yq, hi);
+                        let (s, x, xw) = if which == 0 {
+                            (sc.ds.as_ptr(), sc.qt.as_ptr(), d)
+                        } else {
+                            (sc.p.as_ptr(), sc.dot.as_ptr(), dv)
+                        };
+                        pairs.s.push(s.add(store.pds(i, bi) + row * k2 * 16));
+                        pairs.x.push(x.add(i * xw * xp + 16 * bi));
+                    }
+                }
             }
-            let src = sums.as_ptr().add((s * nb + bi) * k2 * w * 16);
-            x86::fold(
-                src,
-                fold.as_mut_ptr().add(blk.base),
-                w,
-                xp,
-                k2,
-                !blk.plain,
-                &adj[bi],
-            );
+            let (perm, f) = (!blk.plain, fold.add(blk.base));
+            if k2 <= x86::MAX_COLS {
+                // Per row all window columns at once (each Qᵀ / dOᵀ vector loaded once),
+                // through `sc.cols`, then shifted into the key columns.
+                let t = sc.cols.as_mut_ptr();
+                for (i, (s, x)) in pairs
+                    .s
+                    .chunks(MAX_PAIRS)
+                    .zip(pairs.x.chunks(MAX_PAIRS))
+                    .enumerate()
+                {
+                    x86::col_sums(s, x, t, i == 0, w, xp, k2, perm, &adj[bi]);
+                }
+                if !pairs.s.is_empty() {
+                    x86::shift_add(t, f, w, xp, k2);
+                }
+            } else {
+                for (s, x) in pairs.s.chunks(MAX_PAIRS).zip(pairs.x.chunks(MAX_PAIRS)) {
+                    x86::key_sums(s, x, f, w, xp, k2, perm, &adj[bi]);
+                }
+            }
         }
         for x0 in (0..nx).step_by(16) {
             let nl = (nx - x0).min(16);
@@ -461,6 +603,9 @@ unsafe fn write_line<E: Element>(
         }
     }
 }
+
+/// Stored lines summed in registers at once.
+const MAX_PAIRS: usize = 12;
 
 /// The adjoint of a block's key load (`vpermps` by `idx`): target lane `m` sums the lanes
 /// `l < nl` with `idx[l] = m`, in layers of one lane per target (windows stop moving at a
@@ -492,7 +637,7 @@ impl Adjoint {
 }
 
 mod x86 {
-    use super::{Adjoint, Block, LINES};
+    use super::{Adjoint, Block, MAX_PAIRS};
     use crate::simd::math::x86_avx512::exp2v_masked;
     use std::arch::x86_64::*;
 
@@ -521,77 +666,120 @@ mod x86 {
         }
     }
 
-    /// [`sums`] for the `n` lines of one key row.
+    /// Widest window along the line that [`col_sums`] takes.
+    pub(super) const MAX_COLS: usize = 8;
+
+    /// `t[(dx·w + c)·16 + m] (+)= Σ_{l: idx[l] = m} Σ_i s_i[dx·16 + l] · x_i[c·xp + l]`
+    /// for window columns `dx < k2 ≤ MAX_COLS` and rows `c < w` (`first`: written, else
+    /// added; `perm`: through `adj`'s layers, else `idx` is the identity).
+    ///
+    /// # Safety
+    /// AVX-512F; `s.len() == x.len() ≤ MAX_PAIRS`, `s[i]` valid for `k2·16`, `x[i]` for `w`
+    /// rows of stride `xp` (16 lanes each), `t` for `k2·w·16`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn col_sums(
+        s: &[*const f32],
+        x: &[*const f32],
+        t: *mut f32,
+        first: bool,
+        w: usize,
+        xp: usize,
+        k2: usize,
+        perm: bool,
+        adj: &Adjoint,
+    ) {
+        macro_rules! go {
+            ($($k:literal)*) => {
+                match (k2, perm) {
+                    $(
+                        ($k, false) => cols::<$k, false>(s, x, t, first, w, xp, adj),
+                        ($k, true) => cols::<$k, true>(s, x, t, first, w, xp, adj),
+                    )*
+                    _ => unreachable!("{} window columns", k2),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8);
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn cols<const K2: usize, const PERM: bool>(
+        s: &[*const f32],
+        x: &[*const f32],
+        t: *mut f32,
+        first: bool,
+        w: usize,
+        xp: usize,
+        adj: &Adjoint,
+    ) {
+        let n = s.len();
+        assert!(n <= MAX_PAIRS && x.len() == n);
+        let mut sv = [_mm512_setzero_ps(); MAX_PAIRS * MAX_COLS];
+        for i in 0..n {
+            for dx in 0..K2 {
+                sv[i * K2 + dx] = _mm512_loadu_ps(s[i].add(dx * 16));
+            }
+        }
+        for ch in 0..w {
+            let mut acc = [_mm512_setzero_ps(); K2];
+            for i in 0..n {
+                let xv = _mm512_loadu_ps(x[i].add(ch * xp));
+                for dx in 0..K2 {
+                    acc[dx] = _mm512_fmadd_ps(sv[i * K2 + dx], xv, acc[dx]);
+                }
+            }
+            for (dx, &a) in acc.iter().enumerate() {
+                let u = if PERM { adjoint(a, adj) } else { a };
+                let p = t.add((dx * w + ch) * 16);
+                let u = if first {
+                    u
+                } else {
+                    _mm512_add_ps(_mm512_loadu_ps(p), u)
+                };
+                _mm512_storeu_ps(p, u);
+            }
+        }
+    }
+
+    /// `f[c·xp + dx + m] += t[(dx·w + c)·16 + m]` (window column `dx` reads key column
+    /// `base + dx + idx[l]`).
+    ///
+    /// # Safety
+    /// AVX-512F; `t` valid for `k2·w·16`, `f` for 16 at every `c·xp + dx`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn shift_add(t: *const f32, f: *mut f32, w: usize, xp: usize, k2: usize) {
+        // Window columns outer: a row's overlapping stores lie `w` iterations apart.
+        for dx in 0..k2 {
+            for ch in 0..w {
+                let p = f.add(ch * xp + dx);
+                let u = _mm512_loadu_ps(t.add((dx * w + ch) * 16));
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), u));
+            }
+        }
+    }
+
+    /// Lane `m` of the result sums the lanes `l` with `idx[l] = m`.
+    #[inline(always)]
+    unsafe fn adjoint(t: __m512, adj: &Adjoint) -> __m512 {
+        let mut u = _mm512_setzero_ps();
+        for r in 0..adj.layers {
+            let idx = _mm512_loadu_si512(adj.idx[r].as_ptr() as *const _);
+            u = _mm512_add_ps(u, _mm512_maskz_permutexvar_ps(adj.mask[r], idx, t));
+        }
+        u
+    }
+
+    /// [`sums`] for `s.len() ≤ MAX_PAIRS` stored lines.
     ///
     /// # Safety
     /// As [`sums`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn lane_sums(
-        n: usize,
-        store: bool,
-        s: [*const f32; LINES],
-        x: [*const f32; LINES],
-        g: *mut f32,
-        w: usize,
-        xp: usize,
-        k2: usize,
-    ) {
-        macro_rules! go {
-            ($($n:literal)*) => {
-                match (n, store) {
-                    $(
-                        ($n, false) => sums::<$n, false>(s, x, g, w, xp, k2),
-                        ($n, true) => sums::<$n, true>(s, x, g, w, xp, k2),
-                    )*
-                    _ => unreachable!("{} lines", n),
-                }
-            };
-        }
-        go!(1 2 3 4);
-    }
-
-    /// `g[(dx·w + c)·16 + l] (+)= Σ_i s_i[dx·16 + l] · x_i[c·xp + l]` for window columns
-    /// `dx < k2` and rows `c < w` (`STORE`: written, else added).
-    ///
-    /// # Safety
-    /// AVX-512F; `s[..N]` valid for `k2·16`, `x[..N]` for `w` rows of stride `xp` (16 lanes
-    /// each), `g` for `k2·w·16`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn sums<const N: usize, const STORE: bool>(
-        s: [*const f32; LINES],
-        x: [*const f32; LINES],
-        g: *mut f32,
-        w: usize,
-        xp: usize,
-        k2: usize,
-    ) {
-        for dx in 0..k2 {
-            let sv: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(s[i].add(dx * 16)));
-            let gd = g.add(dx * w * 16);
-            for ch in 0..w {
-                let mut t = _mm512_mul_ps(sv[0], _mm512_loadu_ps(x[0].add(ch * xp)));
-                for i in 1..N {
-                    t = _mm512_fmadd_ps(sv[i], _mm512_loadu_ps(x[i].add(ch * xp)), t);
-                }
-                let p = gd.add(ch * 16);
-                if !STORE {
-                    t = _mm512_add_ps(_mm512_loadu_ps(p), t);
-                }
-                _mm512_storeu_ps(p, t);
-            }
-        }
-    }
-
-    /// `f[c·xp + dx + m] += Σ_{l: idx[l] = m} g[(dx·w + c)·16 + l]`: one block's lane sums
-    /// into key columns (`perm`: through `adj`'s layers, else `idx` the identity).
-    ///
-    /// # Safety
-    /// AVX-512F; `g` valid for `k2·w·16`, `f` for 16 at every `c·xp + dx`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn fold(
-        g: *const f32,
+    pub(super) unsafe fn key_sums(
+        s: &[*const f32],
+        x: &[*const f32],
         f: *mut f32,
         w: usize,
         xp: usize,
@@ -599,16 +787,50 @@ mod x86 {
         perm: bool,
         adj: &Adjoint,
     ) {
+        macro_rules! go {
+            ($($n:literal)*) => {
+                match (s.len(), perm) {
+                    $(
+                        ($n, false) => sums::<$n, false>(s, x, f, w, xp, k2, adj),
+                        ($n, true) => sums::<$n, true>(s, x, f, w, xp, k2, adj),
+                    )*
+                    (0, _) => {}
+                    (n, _) => unreachable!("{} lines", n),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+
+    /// `f[c·xp + dx + m] += Σ_{l: idx[l] = m} Σ_i s_i[dx·16 + l] · x_i[c·xp + l]` for
+    /// window columns `dx < k2` and rows `c < w`: the lines' sums in the query lanes, in
+    /// registers, then into key columns through `adj`'s layers (`PERM`; else `idx` is the
+    /// identity).
+    ///
+    /// # Safety
+    /// AVX-512F; `s[..N]` valid for `k2·16`, `x[..N]` for `w` rows of stride `xp` (16 lanes
+    /// each), `f` for 16 at every `c·xp + dx`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums<const N: usize, const PERM: bool>(
+        s: &[*const f32],
+        x: &[*const f32],
+        f: *mut f32,
+        w: usize,
+        xp: usize,
+        k2: usize,
+        adj: &Adjoint,
+    ) {
+        let x: [*const f32; N] = std::array::from_fn(|i| x[i]);
         for dx in 0..k2 {
+            let sv: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(s[i].add(dx * 16)));
             for ch in 0..w {
-                let mut t = _mm512_loadu_ps(g.add((dx * w + ch) * 16));
-                if perm {
-                    let mut u = _mm512_setzero_ps();
-                    for r in 0..adj.layers {
-                        let idx = _mm512_loadu_si512(adj.idx[r].as_ptr() as *const _);
-                        u = _mm512_add_ps(u, _mm512_maskz_permutexvar_ps(adj.mask[r], idx, t));
-                    }
-                    t = u;
+                let mut t = _mm512_mul_ps(sv[0], _mm512_loadu_ps(x[0].add(ch * xp)));
+                for i in 1..N {
+                    t = _mm512_fmadd_ps(sv[i], _mm512_loadu_ps(x[i].add(ch * xp)), t);
+                }
+                if PERM {
+                    t = adjoint(t, adj);
                 }
                 let p = f.add(ch * xp + dx);
                 _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), t));

@@ -259,7 +259,9 @@ impl Band<'_> {
     }
 
     /// Transposes line `y` of `src` into `dst[c·xp + x]` (times `scale`); columns from
-    /// the line's end to the last block's end, and `k2` after it, are zero.
+    /// the line's end to the last block's end are zero. Columns after that are left as
+    /// they were: the forward kernels' loads reach them only in permuted blocks, whose
+    /// permutation drops them (a block of idle lanes is never the identity).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn transpose_line<E: Element>(
         &self,
@@ -283,16 +285,28 @@ impl Band<'_> {
             unsafe { x86::transpose_block(&ptrs, nr, w, scale, &mut dst[x0..], xp) };
             x0 += 16;
         }
-        // Idle lanes of the last block read up to `k2` columns past it; the rest of the
-        // padding is never read (zeroing all of it was ~18% of a 3-D k = 3 forward, when
-        // that ran here).
-        // A few columns per row: masked stores (a `fill` per row was a `memset` call each,
-        // 6% of a 3-D forward).
-        let done = nx.next_multiple_of(16);
+    }
+
+    /// [`Self::transpose_line`], with the `k2` columns after the last block zero too (the
+    /// backward's key-centric sums read them).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn transpose_line_padded<E: Element>(
+        &self,
+        src: &Src<'_, E>,
+        y: usize,
+        scale: f32,
+        xp: usize,
+        rows: &mut Vec<f32>,
+        dst: &mut [f32],
+    ) {
+        self.transpose_line(src, y, scale, xp, rows, dst);
+        let w = src.w;
+        let done = self.len(2).next_multiple_of(16);
         let end = (done + self.geo.k[2]).min(xp);
         if end > done {
             assert!(dst.len() >= (w - 1) * xp + end);
-            // SAFETY: as above; every row's columns `done..end` lie inside `dst`.
+            // SAFETY: `applies` checked AVX-512F; every row's columns `done..end` lie
+            // inside `dst`.
             unsafe { x86::zero_cols(dst.as_mut_ptr(), w, xp, done, end) };
         }
     }

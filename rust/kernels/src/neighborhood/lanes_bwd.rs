@@ -373,9 +373,9 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
         while knext < ye {
             let slot = knext % plan.capk;
             let kt = &mut sc.kt[slot * d * xp..(slot + 1) * d * xp];
-            band.transpose_line(&ks, knext, 1.0, xp, &mut sc.rows, kt);
+            band.transpose_line_padded(&ks, knext, 1.0, xp, &mut sc.rows, kt);
             let vt = &mut sc.vt[slot * dv * xp..(slot + 1) * dv * xp];
-            band.transpose_line(&vs, knext, 1.0, xp, &mut sc.rows, vt);
+            band.transpose_line_padded(&vs, knext, 1.0, xp, &mut sc.rows, vt);
             knext += 1;
         }
         // Key lines entering a window: clear their line-end dK / dV columns.
@@ -448,7 +448,7 @@ unsafe fn lines<E: Element>(
         // outside the line (`Plan::pads`; the transpose zeroes `k2 > a` columns after it).
         for (buf, s, w, scale) in [(&mut sc.qt, &qs, d, c.qscale), (&mut sc.dot, &dos, dv, 1.0)] {
             let base = slot * w * xp;
-            band.transpose_line(
+            band.transpose_line_padded(
                 s,
                 y,
                 scale,

@@ -446,7 +446,7 @@ fn band_path_matches_reference() {
 fn cube_path_matches_reference() {
     let cases = [
         case(
-            &[5, 7, 20],
+            &[5, 7, 28],
             2,
             1,
             16,
@@ -458,7 +458,7 @@ fn cube_path_matches_reference() {
             &[false, false, false],
         ),
         case(
-            &[6, 9, 33],
+            &[6, 9, 37],
             2,
             2,
             8,
