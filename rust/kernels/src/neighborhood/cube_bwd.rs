@@ -559,26 +559,19 @@ unsafe fn finish_line<E: Element>(
                     }
                 }
             }
-            let (perm, f) = (!blk.plain, fold.add(blk.base));
-            if k2 <= x86::MAX_COLS {
-                // Per row all window columns at once (each Qᵀ / dOᵀ vector loaded once),
-                // through `sc.cols`, then shifted into the key columns.
-                let t = sc.cols.as_mut_ptr();
-                for (i, (s, x)) in pairs
-                    .s
-                    .chunks(MAX_PAIRS)
-                    .zip(pairs.x.chunks(MAX_PAIRS))
-                    .enumerate()
-                {
-                    x86::col_sums(s, x, t, i == 0, w, xp, k2, perm, &adj[bi]);
-                }
-                if !pairs.s.is_empty() {
-                    x86::shift_add(t, f, w, xp, k2);
-                }
-            } else {
-                for (s, x) in pairs.s.chunks(MAX_PAIRS).zip(pairs.x.chunks(MAX_PAIRS)) {
-                    x86::key_sums(s, x, f, w, xp, k2, perm, &adj[bi]);
-                }
+            // Per row all window columns at once (each Qᵀ / dOᵀ vector loaded once), into
+            // `sc.cols`, then shifted into the key columns.
+            let t = sc.cols.as_mut_ptr();
+            for (i, (s, x)) in pairs
+                .s
+                .chunks(MAX_PAIRS)
+                .zip(pairs.x.chunks(MAX_PAIRS))
+                .enumerate()
+            {
+                x86::col_sums(s, x, t, i == 0, w, xp, k2, !blk.plain, &adj[bi]);
+            }
+            if !pairs.s.is_empty() {
+                x86::shift_add(t, fold.add(blk.base), w, xp, k2);
             }
         }
         for x0 in (0..nx).step_by(16) {
@@ -666,11 +659,11 @@ mod x86 {
         }
     }
 
-    /// Widest window along the line that [`col_sums`] takes.
-    pub(super) const MAX_COLS: usize = 8;
+    /// Widest window along the line (`super::super::cube`'s limit).
+    const MAX_COLS: usize = 16;
 
     /// `t[(dx·w + c)·16 + m] (+)= Σ_{l: idx[l] = m} Σ_i s_i[dx·16 + l] · x_i[c·xp + l]`
-    /// for window columns `dx < k2 ≤ MAX_COLS` and rows `c < w` (`first`: written, else
+    /// for window columns `dx < k2 ≤ 16` and rows `c < w` (`first`: written, else
     /// added; `perm`: through `adj`'s layers, else `idx` is the identity).
     ///
     /// # Safety
@@ -700,7 +693,7 @@ mod x86 {
                 }
             };
         }
-        go!(1 2 3 4 5 6 7 8);
+        go!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
     }
 
     #[inline]
@@ -769,72 +762,5 @@ mod x86 {
             u = _mm512_add_ps(u, _mm512_maskz_permutexvar_ps(adj.mask[r], idx, t));
         }
         u
-    }
-
-    /// [`sums`] for `s.len() ≤ MAX_PAIRS` stored lines.
-    ///
-    /// # Safety
-    /// As [`sums`].
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn key_sums(
-        s: &[*const f32],
-        x: &[*const f32],
-        f: *mut f32,
-        w: usize,
-        xp: usize,
-        k2: usize,
-        perm: bool,
-        adj: &Adjoint,
-    ) {
-        macro_rules! go {
-            ($($n:literal)*) => {
-                match (s.len(), perm) {
-                    $(
-                        ($n, false) => sums::<$n, false>(s, x, f, w, xp, k2, adj),
-                        ($n, true) => sums::<$n, true>(s, x, f, w, xp, k2, adj),
-                    )*
-                    (0, _) => {}
-                    (n, _) => unreachable!("{} lines", n),
-                }
-            };
-        }
-        go!(1 2 3 4 5 6 7 8 9 10 11 12);
-    }
-
-    /// `f[c·xp + dx + m] += Σ_{l: idx[l] = m} Σ_i s_i[dx·16 + l] · x_i[c·xp + l]` for
-    /// window columns `dx < k2` and rows `c < w`: the lines' sums in the query lanes, in
-    /// registers, then into key columns through `adj`'s layers (`PERM`; else `idx` is the
-    /// identity).
-    ///
-    /// # Safety
-    /// AVX-512F; `s[..N]` valid for `k2·16`, `x[..N]` for `w` rows of stride `xp` (16 lanes
-    /// each), `f` for 16 at every `c·xp + dx`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn sums<const N: usize, const PERM: bool>(
-        s: &[*const f32],
-        x: &[*const f32],
-        f: *mut f32,
-        w: usize,
-        xp: usize,
-        k2: usize,
-        adj: &Adjoint,
-    ) {
-        let x: [*const f32; N] = std::array::from_fn(|i| x[i]);
-        for dx in 0..k2 {
-            let sv: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(s[i].add(dx * 16)));
-            for ch in 0..w {
-                let mut t = _mm512_mul_ps(sv[0], _mm512_loadu_ps(x[0].add(ch * xp)));
-                for i in 1..N {
-                    t = _mm512_fmadd_ps(sv[i], _mm512_loadu_ps(x[i].add(ch * xp)), t);
-                }
-                if PERM {
-                    t = adjoint(t, adj);
-                }
-                let p = f.add(ch * xp + dx);
-                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), t));
-            }
-        }
     }
 }
