@@ -14,7 +14,7 @@
 
 use super::cube::Ring;
 use super::lanes::{x86 as lx, Band, Block, Src, LINES};
-use super::lanes_bwd::Call;
+use super::lanes_bwd::{line_stats, Call};
 use super::{Geo, NaDims};
 use crate::buffer_pool::{take_filled, PoolVec};
 use crate::element::Element;
@@ -393,11 +393,8 @@ unsafe fn lines<E: Element>(
     let h = kh * store.group + hi;
     let (d, dv, xp, done) = (c.d, c.dv, st.xp, st.done);
     let k2 = band.geo.k[2];
-    let nx = band.len(2);
     let qs = Src::new(c.q, c.hq, h, d);
     let dos = Src::new(c.dout, c.hq, h, dv);
-    let os = Src::new(c.out, c.hq, h, dv);
-    let log2e = std::f32::consts::LOG2_E;
     let li: [usize; LINES] =
         std::array::from_fn(|j| store.line(band.z, st.y + j.min(st.n - 1), hi));
     for (j, &i) in li.iter().enumerate().take(st.n) {
@@ -419,34 +416,16 @@ unsafe fn lines<E: Element>(
             &mut sc.rows,
             &mut sc.dot[o0..o0 + dv * xp],
         );
-        // lse (base 2) and δ = O·dO per query; zero past the line's end.
         let (lse2, delta) = (
             &mut sc.lse2[j * done..(j + 1) * done],
             &mut sc.delta[j * done..(j + 1) * done],
         );
-        lse2.fill(0.0);
-        delta.fill(0.0);
-        for x0 in (0..nx).step_by(16) {
-            let nl = (nx - x0).min(16);
-            let pos = |x: usize| band.geo.pos(band.g, [band.z, y, x]);
-            let (mut pa, mut pb) = ([std::ptr::null(); 16], [std::ptr::null(); 16]);
-            os.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut sc.ta, &mut pa);
-            dos.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut sc.tb, &mut pb);
-            for l in 0..nl {
-                let (a, b) = (
-                    std::slice::from_raw_parts(pa[l], dv),
-                    std::slice::from_raw_parts(pb[l], dv),
-                );
-                delta[x0 + l] = crate::linear::core::vdot(Level::Avx512, a, b);
-                lse2[x0 + l] = c.lse[band.row(c.hq, h, y, x0 + l)] * log2e;
-            }
-        }
+        line_stats(c, band, h, y, lse2, delta, (&mut sc.ta, &mut sc.tb));
     }
     let qt: [*const f32; LINES] = li.map(|i| sc.qt.as_ptr().add(i * d * xp));
     let dot: [*const f32; LINES] = li.map(|i| sc.dot.as_ptr().add(i * dv * xp));
     let osz = d.next_multiple_of(16) * 16;
     let op: [*mut f32; LINES] = std::array::from_fn(|j| sc.o.as_mut_ptr().add(j * osz));
-    let f32_out = std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>();
     for (bi, blk) in blocks.iter().enumerate() {
         let x0 = 16 * bi;
         let sp: [*mut f32; LINES] = li.map(|i| sc.p.as_mut_ptr().add(store.pds(i, bi)));
@@ -482,24 +461,8 @@ unsafe fn lines<E: Element>(
         let dsv: [*const f32; LINES] = dpp.map(|p| p as *const f32);
         lx::pv_rows(krows, st.n, dsv, d, xp, k2, blk.base, idx, perm, op);
         for (j, &o) in op.iter().enumerate().take(st.n) {
-            let y = st.y + j;
-            let row = |l: usize| c.dq.get().add(band.row(c.hq, h, y, x0 + l) * d);
-            let dst: [*mut f32; 16] = std::array::from_fn(|l| {
-                if f32_out && l < blk.nl {
-                    row(l) as *mut f32
-                } else {
-                    sc.ta.as_mut_ptr().add(l * d)
-                }
-            });
-            lx::untranspose_strided(o, 16, d, c.scale, &dst, blk.nl);
-            if !f32_out {
-                for l in 0..blk.nl {
-                    let out = std::slice::from_raw_parts_mut(row(l), d);
-                    let src = &sc.ta[l * d..(l + 1) * d];
-                    // SAFETY: `E::Acc` is f32.
-                    E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), out);
-                }
-            }
+            let put = (c.dq, c.hq, h);
+            band.put_rows(o, 16, d, c.scale, put, st.y + j, x0, blk.nl, &mut sc.ta);
         }
     }
 }
@@ -532,7 +495,6 @@ unsafe fn finish_line<E: Element>(
     let nx = at.len(2);
     let k2 = at.geo.k[2];
     let (zk, d, dv) = (at.z, c.d, c.dv);
-    let f32_out = std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>();
     let (iz, iy) = (store.inv_z[zk], store.inv_y[y]);
     for (which, outp, w, mul) in [(0, c.dk, d, std::f32::consts::LN_2), (1, c.dvv, dv, 1.0)] {
         let fold = sc.fold.as_mut_ptr();
@@ -576,23 +538,8 @@ unsafe fn finish_line<E: Element>(
         }
         for x0 in (0..nx).step_by(16) {
             let nl = (nx - x0).min(16);
-            let row = |l: usize| outp.get().add(at.row(c.hkv, kh, y, x0 + l) * w);
-            let dst: [*mut f32; 16] = std::array::from_fn(|l| {
-                if f32_out && l < nl {
-                    row(l) as *mut f32
-                } else {
-                    sc.ta.as_mut_ptr().add(l * w)
-                }
-            });
-            lx::untranspose_strided(sc.fold.as_ptr().add(x0), xp, w, mul, &dst, nl);
-            if !f32_out {
-                for l in 0..nl {
-                    let out = std::slice::from_raw_parts_mut(row(l), w);
-                    let src = &sc.ta[l * w..(l + 1) * w];
-                    // SAFETY: `E::Acc` is f32.
-                    E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), out);
-                }
-            }
+            let (o, put) = (sc.fold.as_ptr().add(x0), (outp, c.hkv, kh));
+            at.put_rows(o, xp, w, mul, put, y, x0, nl, &mut sc.ta);
         }
     }
 }

@@ -432,7 +432,6 @@ impl Band<'_> {
         let (y, nlines) = (l.y, l.n);
         let nkeys = self.geo.k.iter().product::<usize>();
         let osz = dv.next_multiple_of(16) * 16;
-        let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
         let ln2 = std::f32::consts::LN_2;
         let h = qsh.h;
         for j in 0..nlines {
@@ -457,29 +456,57 @@ impl Band<'_> {
                 std::array::from_fn(|_| o_it.next().unwrap()),
             );
             for (j, (m, lsum)) in ml.iter().enumerate().take(nlines) {
-                // Rows out: `o[c][lane]` (already divided by l) transposed per lane,
-                // straight into the output for f32, else converted from `rows`.
-                let row = |lane: usize| self.row(hq, h, y + j, x0 + lane);
-                sc.rows.resize(16 * dv, 0.0);
-                let mut dst = [std::ptr::null_mut::<f32>(); 16];
-                for (lane, p) in dst.iter_mut().enumerate().take(blk.nl) {
-                    *p = if f32_out {
-                        outp.get().add(row(lane) * dv) as *mut f32
-                    } else {
-                        sc.rows.as_mut_ptr().add(lane * dv)
-                    };
-                }
-                x86::untranspose(&sc.o[j * osz..(j + 1) * osz], dv, &dst, blk.nl);
+                // `o[c][lane]` is already divided by l.
+                let o = sc.o[j * osz..].as_ptr();
+                let put = (outp, hq, h);
+                self.put_rows(o, 16, dv, 1.0, put, y + j, x0, blk.nl, &mut sc.rows);
                 for lane in 0..blk.nl {
-                    let r = row(lane);
-                    if !f32_out {
-                        let dst = std::slice::from_raw_parts_mut(outp.get().add(r * dv), dv);
-                        let src = &sc.rows[lane * dv..(lane + 1) * dv];
-                        // SAFETY: `E::Acc` is f32.
-                        E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), dst);
-                    }
+                    let r = self.row(hq, h, y + j, x0 + lane);
                     *lsep.get().add(r) = m[lane] * ln2 + lsum[lane].ln();
                 }
+            }
+        }
+    }
+
+    /// Rows `x0 .. x0 + nl` of line `y` of head `h` of an output with `heads` heads and
+    /// rows of `w`: row `l` is `scale · o[c·stride + l]`, written in place for f32, else
+    /// converted through `tmp`.
+    ///
+    /// # Safety
+    /// AVX-512F; `o` valid for 16 reads at each `c·stride`, `c < w`; the caller owns these
+    /// rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn put_rows<E: Element>(
+        &self,
+        o: *const f32,
+        stride: usize,
+        w: usize,
+        scale: f32,
+        (outp, heads, h): (SharedMut<E>, usize, usize),
+        y: usize,
+        x0: usize,
+        nl: usize,
+        tmp: &mut Vec<f32>,
+    ) {
+        let f32_out = TypeId::of::<E>() == TypeId::of::<f32>();
+        if tmp.len() < 16 * w {
+            tmp.resize(16 * w, 0.0);
+        }
+        let row = |l: usize| outp.get().add(self.row(heads, h, y, x0 + l) * w);
+        let dst: [*mut f32; 16] = std::array::from_fn(|l| {
+            if f32_out && l < nl {
+                row(l) as *mut f32
+            } else {
+                tmp.as_mut_ptr().add(l * w)
+            }
+        });
+        x86::untranspose_strided(o, stride, w, scale, &dst, nl);
+        if !f32_out {
+            for l in 0..nl {
+                let out = std::slice::from_raw_parts_mut(row(l), w);
+                let src = &tmp[l * w..(l + 1) * w];
+                // SAFETY: `E::Acc` is f32 (the lane paths' condition).
+                E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), out);
             }
         }
     }

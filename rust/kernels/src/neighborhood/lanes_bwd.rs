@@ -440,8 +440,6 @@ unsafe fn lines<E: Element>(
     let (left, right) = plan.pads();
     let qs = Src::new(c.q, c.hq, h, d);
     let dos = Src::new(c.dout, c.hq, h, dv);
-    let os = Src::new(c.out, c.hq, h, dv);
-    let log2e = std::f32::consts::LOG2_E;
     for (j, &slot) in slots.iter().enumerate().take(nlines) {
         let y = y0 + j;
         // Transposed Q (times scale·log2e) and dO, zero where the key-centric sums read
@@ -461,33 +459,11 @@ unsafe fn lines<E: Element>(
                 buf[r - left..r].fill(0.0);
             }
         }
-        // lse (base 2) and δ = O·dO per query; zero past the line's end.
-        let (lse2, delta) = (&mut sc.lse2[j * done..], &mut sc.delta[j * done..]);
-        for (x, l) in lse2[..done].iter_mut().enumerate() {
-            *l = if x < nx {
-                c.lse[band.row(c.hq, h, y, x)] * log2e
-            } else {
-                0.0
-            };
-        }
-        for x0 in (0..nx).step_by(16) {
-            let nl = (nx - x0).min(16);
-            let pos = |x: usize| band.geo.pos(band.g, [band.z, y, x]);
-            let (mut pa, mut pb) = ([std::ptr::null(); 16], [std::ptr::null(); 16]);
-            os.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut sc.ta, &mut pa);
-            dos.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut sc.tb, &mut pb);
-            for l in 0..16 {
-                delta[x0 + l] = if l < nl {
-                    let (a, b) = (
-                        std::slice::from_raw_parts(pa[l], dv),
-                        std::slice::from_raw_parts(pb[l], dv),
-                    );
-                    crate::linear::core::vdot(Level::Avx512, a, b)
-                } else {
-                    0.0
-                };
-            }
-        }
+        let (lse2, delta) = (
+            &mut sc.lse2[j * done..(j + 1) * done],
+            &mut sc.delta[j * done..(j + 1) * done],
+        );
+        line_stats(c, band, h, y, lse2, delta, (&mut sc.ta, &mut sc.tb));
     }
     // Key rows of the lines' windows, as the forward builds them (rows shared by
     // consecutive lines); `krows` reads the keys where the forward reads values (dQ = dS·K).
@@ -531,7 +507,6 @@ unsafe fn lines<E: Element>(
     let dpp: [*mut f32; LINES] = std::array::from_fn(|j| sc.dp.as_mut_ptr().add(j * nkm * 16));
     let osz = d.next_multiple_of(16) * 16;
     let op: [*mut f32; LINES] = std::array::from_fn(|j| sc.o.as_mut_ptr().add(j * osz));
-    let f32_out = std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>();
     for (bi, blk) in blocks.iter().enumerate() {
         let x0 = 16 * bi;
         let idx = _mm512_loadu_si512(blk.idx.as_ptr() as *const _);
@@ -615,32 +590,8 @@ unsafe fn lines<E: Element>(
         let dsv: [*const f32; LINES] = dpp.map(|p| p as *const f32);
         lx::pv_rows(&krows, nlines, dsv, d, xp, k2, blk.base, idx, perm, op);
         for (j, &o) in op.iter().enumerate().take(nlines) {
-            f32::scale(
-                Level::Avx512,
-                std::slice::from_raw_parts_mut(o, d * 16),
-                c.scale,
-            );
-            let y = y0 + j;
-            let mut dst = [std::ptr::null_mut::<f32>(); 16];
-            for (l, p) in dst.iter_mut().enumerate().take(blk.nl) {
-                *p = if f32_out {
-                    c.dq.get().add(band.row(c.hq, h, y, x0 + l) * d) as *mut f32
-                } else {
-                    sc.ta.as_mut_ptr().add(l * d)
-                };
-            }
-            lx::untranspose(std::slice::from_raw_parts(o, osz), d, &dst, blk.nl);
-            if !f32_out {
-                for l in 0..blk.nl {
-                    let out = std::slice::from_raw_parts_mut(
-                        c.dq.get().add(band.row(c.hq, h, y, x0 + l) * d),
-                        d,
-                    );
-                    let src = &sc.ta[l * d..(l + 1) * d];
-                    // SAFETY: `E::Acc` is f32.
-                    E::from_acc_slice(&*(src as *const [f32] as *const [E::Acc]), out);
-                }
-            }
+            let put = (c.dq, c.hq, h);
+            band.put_rows(o, 16, d, c.scale, put, y0 + j, x0, blk.nl, &mut sc.ta);
         }
     }
     // Stored P / dS rows: zero where the key-centric sums read outside the line.
@@ -651,6 +602,41 @@ unsafe fn lines<E: Element>(
                 std::slice::from_raw_parts_mut(r.sub(left), left).fill(0.0);
                 std::slice::from_raw_parts_mut(r.add(done), right).fill(0.0);
             }
+        }
+    }
+}
+
+/// lse (base 2) and δ = O·dO of the queries of line `y` (q head `h`), zero past the
+/// line's end; `tmp` converts half rows.
+///
+/// # Safety
+/// AVX-512F; `lse2` / `delta` hold the line's blocks.
+pub(super) unsafe fn line_stats<E: Element>(
+    c: &Call<'_, E>,
+    band: &Band<'_>,
+    h: usize,
+    y: usize,
+    lse2: &mut [f32],
+    delta: &mut [f32],
+    tmp: (&mut [f32], &mut [f32]),
+) {
+    let (dv, nx) = (c.dv, band.len(2));
+    let (os, dos) = (Src::new(c.out, c.hq, h, dv), Src::new(c.dout, c.hq, h, dv));
+    lse2.fill(0.0);
+    delta.fill(0.0);
+    for x0 in (0..nx).step_by(16) {
+        let nl = (nx - x0).min(16);
+        let pos = |x: usize| band.geo.pos(band.g, [band.z, y, x]);
+        let (mut pa, mut pb) = ([std::ptr::null(); 16], [std::ptr::null(); 16]);
+        os.rows(band.b, band.n, (x0..x0 + nl).map(pos), tmp.0, &mut pa);
+        dos.rows(band.b, band.n, (x0..x0 + nl).map(pos), tmp.1, &mut pb);
+        for l in 0..nl {
+            let (a, b) = (
+                std::slice::from_raw_parts(pa[l], dv),
+                std::slice::from_raw_parts(pb[l], dv),
+            );
+            delta[x0 + l] = crate::linear::core::vdot(Level::Avx512, a, b);
+            lse2[x0 + l] = c.lse[band.row(c.hq, h, y, x0 + l)] * std::f32::consts::LOG2_E;
         }
     }
 }
