@@ -58,6 +58,43 @@ def _random_lanes_case(rng: random.Random):
 
 LANES_SWEEP = [_random_lanes_case(random.Random(5000 + i)) for i in range(100)]
 
+# Shapes the AVX-512 3-D lane path takes (fp32 / half, windows up to 64 keys and 16 along
+# the last dimension, stride 1 there, lines at least 3/4 of their 16-lane blocks): partial
+# blocks, line edges, causal and even kernels, a kernel as long as its dimension, stride,
+# dilation, GQA, odd head dims.
+CUBE = [
+    (2, (5, 7, 28), 2, 1, 16, 24, 0, 3, 1, 1, False),
+    (1, (6, 9, 37), 2, 2, 8, 8, 0, (2, 3, 5), (2, 1, 1), (1, 2, 1), (True, False, True)),
+    (2, (4, 5, 16), 2, 2, 17, 9, 0, 4, 1, 1, False),
+    (1, (7, 6, 26), 2, 2, 12, 12, 0, (3, 2, 3), (3, 1, 1), (2, 1, 2), (False, True, False)),
+    (2, (3, 4, 12), 2, 2, 16, 16, 0, (2, 2, 12), (1, 2, 1), 1, (False, False, True)),
+]
+
+
+def _random_cube_case(rng: random.Random):
+    """A random 3-D shape inside the 3-D lane path's range."""
+    while True:
+        n = (rng.randint(2, 8), rng.randint(2, 10), rng.randint(12, 40))
+        dil = tuple(rng.choice((1, 1, 2)) if n[i] >= 4 else 1 for i in range(2)) + (
+            rng.choice((1, 1, 2)) if n[2] >= 24 else 1,
+        )
+        group = [-(-n[i] // dil[i]) for i in range(3)]
+        if 4 * group[2] < 3 * -(-group[2] // 16) * 16:
+            continue
+        ks = tuple(rng.randint(2, min(4 if i < 2 else 16, n[i] // dil[i])) for i in range(3))
+        if ks[0] * ks[1] * ks[2] > 64:
+            continue
+        ss = (rng.randint(1, ks[0]) if rng.random() < 0.3 else 1, 1, 1)
+        causal = tuple(rng.random() < 0.25 for _ in range(3))
+        hkv = rng.choice((1, 2))
+        hq = hkv * rng.choice((1, 2))
+        d = rng.choice((8, 16, 33))
+        dv = d if rng.random() < 0.7 else rng.choice((5, 16))
+        return (rng.randint(1, 2), n, hq, hkv, d, dv, 0, ks, ss, dil, causal)
+
+
+CUBE_SWEEP = [_random_cube_case(random.Random(7000 + i)) for i in range(60)]
+
 
 def _random_case(rng: random.Random):
     rank = rng.choice((1, 1, 2, 2, 2, 3))
@@ -149,6 +186,22 @@ def test_lanes_shapes_fp32_close_to_float64_reference(case, simd_level):
     _check_fp32(case)
 
 
+@pytest.mark.parametrize("case", CUBE, ids=_ids)
+def test_cube_shapes_fp32_close_to_float64_reference(case, simd_level):
+    _check_fp32(case)
+
+
+@pytest.mark.parametrize("case", CUBE_SWEEP[:8], ids=_ids)
+def test_cube_random_fp32_close_to_float64_reference(case):
+    _check_fp32(case)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("case", CUBE_SWEEP[8:], ids=_ids)
+def test_cube_random_fp32_extended(case):
+    _check_fp32(case)
+
+
 @pytest.mark.parametrize("case", LANES_SWEEP[:12], ids=_ids)
 def test_lanes_random_fp32_close_to_float64_reference(case):
     _check_fp32(case)
@@ -182,7 +235,7 @@ def _check_fp32(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", [FIXED[1], FIXED[5], FIXED[9], *LANES[:2]], ids=_ids)
+@pytest.mark.parametrize("case", [FIXED[1], FIXED[5], FIXED[9], *LANES[:2], *CUBE[:2]], ids=_ids)
 def test_half_precision_within_multiple_of_reference_in_dtype(case, dtype, simd_level):
     q, k, v, ak, av = _inputs(case, dtype)
     window = _window(case)
