@@ -51,11 +51,10 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
         && geo.s[2] == 1
         && geo.k.iter().product::<usize>() <= MAX_KEYS
         && geo.k[2] <= MAX_LINE_KERNEL
-        // 2-D only. 3-D calls stay tiled: a version with bands of z planes measured mixed
-        // against it (8×16×16 k = 3 D = 64 3% and 16³ k = 3 D = 32 25% faster, 8×32×32
-        // k = 5 D = 32 16% and 12×24×24 k = 3 dilation 2 8% slower). 1-D ones too: a single
-        // line has no neighbour to share key loads with, nor bands to split across threads
-        // (L = 4096, k = 13 measured 3.5× slower here).
+        // 2-D only. 3-D calls with small windows take `super::cube`, which streams planes
+        // through these kernels. 1-D ones do not: a single line has no neighbour to share
+        // key loads with, nor bands to split across threads (L = 4096, k = 13 measured
+        // 3.5× slower here).
         && geo.len[0] == 1
         && geo.len[1] > 1
         && geo.group_len(2, geo.d[2] - 1) >= MIN_LINE

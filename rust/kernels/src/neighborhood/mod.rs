@@ -21,6 +21,11 @@
 //! (`lanes_bwd`): query lines streamed in order, each key line's dK / dV summed once no
 //! later window holds it.
 //!
+//! 3-D calls with small windows (up to 64 keys, 16 along the line, stride 1 along it, lines
+//! at least 3/4 busy) take the same lane kernels plane by plane (`cube`), and their
+//! backward (`cube_bwd`) stores the query lines' P / dS and sums each finished key line's
+//! dK / dV over them.
+//!
 //! 1-D calls (windows up to 1024 keys, no additional keys, f32 accumulation at AVX-512)
 //! run in `band` / `band_bwd`: queries in the SIMD lanes, keys broadcast from their rows,
 //! the diagonal band of the (key, query) plane covered 4 keys × 16 queries at a time.
