@@ -137,6 +137,20 @@ impl<'a, E: Element> Src<'a, E> {
             };
         }
     }
+
+    /// Prefetches the rows at flattened positions `pos` (of batch entry `b`).
+    pub(super) fn prefetch(&self, b: usize, n: usize, pos: impl Iterator<Item = usize>) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = self.w * std::mem::size_of::<E>();
+        for p in pos {
+            let off = ((b * n + p) * self.heads + self.h) * self.w;
+            let row = self.src[off..off + self.w].as_ptr() as *const i8;
+            for c in (0..bytes).step_by(64) {
+                // SAFETY: `c` lies inside the row; a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(c)) };
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,6 +266,14 @@ impl Band<'_> {
         (self.b * self.n + self.geo.pos(self.g, [self.z, y, x])) * heads + h
     }
 
+    /// Whether line transposes and row writes prefetch the next line's rows: with
+    /// dilation along the line a line's rows are strided, which the hardware prefetchers
+    /// do not follow (128 × 128 k = 7 dilation 2 D = 32: forward 12.5–13.2 → 9.4–9.7 ms,
+    /// fwd + bwd 50.9 → 45.4 ms). Contiguous lines measured up to 10% slower with it.
+    pub(super) fn prefetch(&self) -> bool {
+        self.geo.d[2] > 1
+    }
+
     pub(super) fn win(&self, dim: usize, i: usize) -> (usize, usize) {
         let geo = self.geo;
         group_window(i, self.len(dim), geo.k[dim], geo.s[dim], geo.c[dim])
@@ -279,6 +301,10 @@ impl Band<'_> {
             let pos = (x0..x0 + nr).map(|x| self.geo.pos(self.g, [self.z, y, x]));
             let mut ptrs = [std::ptr::null(); 16];
             src.rows(self.b, self.n, pos, rows, &mut ptrs);
+            if self.prefetch() && y + 1 < self.len(1) {
+                let next = (x0..x0 + nr).map(|x| self.geo.pos(self.g, [self.z, y + 1, x]));
+                src.prefetch(self.b, self.n, next);
+            }
             // SAFETY: `applies` checked AVX-512F; `ptrs[..nr]` are rows of `w` values (in
             // the source or in `rows`), `dst` holds `w` rows of `xp ≥ x0 + 16`.
             unsafe { x86::transpose_block(&ptrs, nr, w, scale, &mut dst[x0..], xp) };
@@ -492,6 +518,17 @@ impl Band<'_> {
             tmp.resize(16 * w, 0.0);
         }
         let row = |l: usize| outp.get().add(self.row(heads, h, y, x0 + l) * w);
+        if self.prefetch() && y + 1 < self.len(1) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+            let bytes = w * std::mem::size_of::<E>();
+            for l in 0..nl {
+                let r = outp.get().add(self.row(heads, h, y + 1, x0 + l) * w) as *const i8;
+                for c in (0..bytes).step_by(64) {
+                    // A prefetch never faults.
+                    _mm_prefetch::<_MM_HINT_ET0>(r.add(c));
+                }
+            }
+        }
         let dst: [*mut f32; 16] = std::array::from_fn(|l| {
             if f32_out && l < nl {
                 row(l) as *mut f32

@@ -630,6 +630,11 @@ pub(super) unsafe fn line_stats<E: Element>(
         let (mut pa, mut pb) = ([std::ptr::null(); 16], [std::ptr::null(); 16]);
         os.rows(band.b, band.n, (x0..x0 + nl).map(pos), tmp.0, &mut pa);
         dos.rows(band.b, band.n, (x0..x0 + nl).map(pos), tmp.1, &mut pb);
+        if band.prefetch() && y + 1 < band.len(1) {
+            let next = |x: usize| band.geo.pos(band.g, [band.z, y + 1, x]);
+            os.prefetch(band.b, band.n, (x0..x0 + nl).map(next));
+            dos.prefetch(band.b, band.n, (x0..x0 + nl).map(next));
+        }
         for l in 0..nl {
             let (a, b) = (
                 std::slice::from_raw_parts(pa[l], dv),
