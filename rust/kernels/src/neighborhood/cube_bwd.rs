@@ -498,9 +498,12 @@ unsafe fn finish_line<E: Element>(
     let (iz, iy) = (store.inv_z[zk], store.inv_y[y]);
     for (which, outp, w, mul) in [(0, c.dk, d, std::f32::consts::LN_2), (1, c.dvv, dv, 1.0)] {
         let fold = sc.fold.as_mut_ptr();
-        // Only the columns the blocks' sums reach.
+        // Only the columns the blocks' sums reach, and not those block 0's first window
+        // column stores.
         let end = blocks.last().map_or(0, |b| b.base + k2 + 15).min(xp);
-        lx::zero_cols(fold, w, xp, 0, end);
+        let first = blocks[0].base;
+        lx::zero_cols(fold, w, xp, 0, first);
+        lx::zero_cols(fold, w, xp, first + 16, end);
         for (bi, blk) in blocks.iter().enumerate() {
             pairs.s.clear();
             pairs.x.clear();
@@ -524,16 +527,17 @@ unsafe fn finish_line<E: Element>(
             // Per row all window columns at once (each Qᵀ / dOᵀ vector loaded once), into
             // `sc.cols`, then shifted into the key columns.
             let t = sc.cols.as_mut_ptr();
-            for (i, (s, x)) in pairs
-                .s
-                .chunks(MAX_PAIRS)
-                .zip(pairs.x.chunks(MAX_PAIRS))
-                .enumerate()
-            {
+            let n = pairs.s.len();
+            // Chunks of near-equal size within the kernel's register budget.
+            let chunk = n.div_ceil(n.div_ceil(x86::max_pairs(k2)).max(1)).max(1);
+            for (i, (s, x)) in pairs.s.chunks(chunk).zip(pairs.x.chunks(chunk)).enumerate() {
                 x86::col_sums(s, x, t, i == 0, w, xp, k2, !blk.plain, &adj[bi]);
             }
-            if !pairs.s.is_empty() {
-                x86::shift_add(t, fold.add(blk.base), w, xp, k2);
+            let f = fold.add(blk.base);
+            if n > 0 {
+                x86::shift_add(t, f, w, xp, k2, bi == 0);
+            } else if bi == 0 {
+                lx::zero_cols(fold, w, xp, first, first + 16);
             }
         }
         for x0 in (0..nx).step_by(16) {
@@ -629,6 +633,47 @@ mod x86 {
         perm: bool,
         adj: &Adjoint,
     ) {
+        // Narrow windows: the lines' dS / P vectors in registers.
+        macro_rules! fixed {
+            ($(($k:literal, $n:literal)),*) => {
+                match (k2, s.len(), perm) {
+                    $(
+                        ($k, $n, false) => return fixed::<$k, $n, false>(s, x, t, first, w, xp, adj),
+                        ($k, $n, true) => return fixed::<$k, $n, true>(s, x, t, first, w, xp, adj),
+                    )*
+                    _ => {}
+                }
+            };
+        }
+        fixed!(
+            (2, 1),
+            (2, 2),
+            (2, 3),
+            (2, 4),
+            (2, 5),
+            (2, 6),
+            (2, 7),
+            (2, 8),
+            (2, 9),
+            (2, 10),
+            (2, 11),
+            (2, 12),
+            (3, 1),
+            (3, 2),
+            (3, 3),
+            (3, 4),
+            (3, 5),
+            (3, 6),
+            (3, 7),
+            (3, 8),
+            (3, 9),
+            (4, 1),
+            (4, 2),
+            (4, 3),
+            (4, 4),
+            (4, 5),
+            (4, 6)
+        );
         macro_rules! go {
             ($($k:literal)*) => {
                 match (k2, perm) {
@@ -641,6 +686,66 @@ mod x86 {
             };
         }
         go!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+    }
+
+    /// Lines summed at once by [`col_sums`] for `k2` window columns: `N·K2` dS / P
+    /// vectors, `K2` sums and a Qᵀ vector within the 32 registers for narrow windows.
+    pub(super) fn max_pairs(k2: usize) -> usize {
+        match k2 {
+            2 => 12,
+            3 => 9,
+            4 => 6,
+            _ => MAX_PAIRS,
+        }
+    }
+
+    /// [`cols`] with the line count fixed.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fixed<const K2: usize, const N: usize, const PERM: bool>(
+        s: &[*const f32],
+        x: &[*const f32],
+        t: *mut f32,
+        first: bool,
+        w: usize,
+        xp: usize,
+        adj: &Adjoint,
+    ) {
+        let sv: [[__m512; K2]; N] =
+            std::array::from_fn(|i| std::array::from_fn(|dx| _mm512_loadu_ps(s[i].add(dx * 16))));
+        let x: [*const f32; N] = std::array::from_fn(|i| x[i]);
+        for ch in 0..w {
+            let mut acc = [_mm512_setzero_ps(); K2];
+            for i in 0..N {
+                let xv = _mm512_loadu_ps(x[i].add(ch * xp));
+                for dx in 0..K2 {
+                    acc[dx] = _mm512_fmadd_ps(sv[i][dx], xv, acc[dx]);
+                }
+            }
+            store_cols::<K2, PERM>(acc, t, ch, w, first, adj);
+        }
+    }
+
+    /// Row `ch` of every window column's sums into `t` (through the adjoint for `PERM`).
+    #[inline(always)]
+    unsafe fn store_cols<const K2: usize, const PERM: bool>(
+        acc: [__m512; K2],
+        t: *mut f32,
+        ch: usize,
+        w: usize,
+        first: bool,
+        adj: &Adjoint,
+    ) {
+        for (dx, &a) in acc.iter().enumerate() {
+            let u = if PERM { adjoint(a, adj) } else { a };
+            let p = t.add((dx * w + ch) * 16);
+            let u = if first {
+                u
+            } else {
+                _mm512_add_ps(_mm512_loadu_ps(p), u)
+            };
+            _mm512_storeu_ps(p, u);
+        }
     }
 
     #[inline]
@@ -670,32 +775,35 @@ mod x86 {
                     acc[dx] = _mm512_fmadd_ps(sv[i * K2 + dx], xv, acc[dx]);
                 }
             }
-            for (dx, &a) in acc.iter().enumerate() {
-                let u = if PERM { adjoint(a, adj) } else { a };
-                let p = t.add((dx * w + ch) * 16);
-                let u = if first {
-                    u
-                } else {
-                    _mm512_add_ps(_mm512_loadu_ps(p), u)
-                };
-                _mm512_storeu_ps(p, u);
-            }
+            store_cols::<K2, PERM>(acc, t, ch, w, first, adj);
         }
     }
 
     /// `f[c·xp + dx + m] += t[(dx·w + c)·16 + m]` (window column `dx` reads key column
-    /// `base + dx + idx[l]`).
+    /// `base + dx + idx[l]`); `store`: window column 0 is stored instead.
     ///
     /// # Safety
     /// AVX-512F; `t` valid for `k2·w·16`, `f` for 16 at every `c·xp + dx`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn shift_add(t: *const f32, f: *mut f32, w: usize, xp: usize, k2: usize) {
+    pub(super) unsafe fn shift_add(
+        t: *const f32,
+        f: *mut f32,
+        w: usize,
+        xp: usize,
+        k2: usize,
+        store: bool,
+    ) {
         // Window columns outer: a row's overlapping stores lie `w` iterations apart.
         for dx in 0..k2 {
             for ch in 0..w {
                 let p = f.add(ch * xp + dx);
                 let u = _mm512_loadu_ps(t.add((dx * w + ch) * 16));
-                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), u));
+                let u = if store && dx == 0 {
+                    u
+                } else {
+                    _mm512_add_ps(_mm512_loadu_ps(p), u)
+                };
+                _mm512_storeu_ps(p, u);
             }
         }
     }
