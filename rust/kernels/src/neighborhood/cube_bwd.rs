@@ -70,7 +70,6 @@ struct Scratch {
     cols: Vec<f32>,
     o: Vec<f32>,
     lse2: Vec<f32>,
-    delta: Vec<f32>,
     rows: Vec<f32>,
     ta: Vec<f32>,
     tb: Vec<f32>,
@@ -89,7 +88,6 @@ impl Scratch {
             cols: Vec::new(),
             o: Vec::new(),
             lse2: Vec::new(),
-            delta: Vec::new(),
             rows: Vec::new(),
             ta: Vec::new(),
             tb: Vec::new(),
@@ -296,7 +294,6 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
     fit(&mut sc.cols, k2 * d.max(dv) * 16);
     fit(&mut sc.o, LINES * d.next_multiple_of(16) * 16);
     fit(&mut sc.lse2, LINES * done);
-    fit(&mut sc.delta, LINES * done);
     fit(&mut sc.ta, 16 * d.max(dv));
     fit(&mut sc.tb, 16 * d.max(dv));
     let (ks, vs) = (Src::new(c.k, c.hkv, kh, d), Src::new(c.v, c.hkv, kh, dv));
@@ -416,11 +413,8 @@ unsafe fn lines<E: Element>(
             &mut sc.rows,
             &mut sc.dot[o0..o0 + dv * xp],
         );
-        let (lse2, delta) = (
-            &mut sc.lse2[j * done..(j + 1) * done],
-            &mut sc.delta[j * done..(j + 1) * done],
-        );
-        line_stats(c, band, h, y, lse2, delta, (&mut sc.ta, &mut sc.tb));
+        let lse2 = &mut sc.lse2[j * done..(j + 1) * done];
+        line_stats(c, band, h, y, lse2, None, (&mut sc.ta, &mut sc.tb));
     }
     let qt: [*const f32; LINES] = li.map(|i| sc.qt.as_ptr().add(i * d * xp));
     let dot: [*const f32; LINES] = li.map(|i| sc.dot.as_ptr().add(i * dv * xp));
@@ -454,7 +448,6 @@ unsafe fn lines<E: Element>(
                 sp[j],
                 dpp[j],
                 sc.lse2.as_ptr().add(j * done + x0),
-                sc.delta.as_ptr().add(j * done + x0),
             );
         }
         // dQ = scale · dS·K, out through the rows.
@@ -585,11 +578,11 @@ mod x86 {
     use crate::simd::math::x86_avx512::exp2v_masked;
     use std::arch::x86_64::*;
 
-    /// `s ← P = 2^(s − lse2)` (inside the window), `dp ← dS = P·(dp − δ)`, lane-wise over
-    /// the `nk` window columns of one line of a block.
+    /// `s ← P = 2^(s − lse2)` (inside the window), `dp ← dS = P·(dp − δ)` with
+    /// `δ = Σ P·dp`, lane-wise over the `nk` window columns of one line of a block.
     ///
     /// # Safety
-    /// AVX-512F; `s`, `dp` valid for `nk·16`, `lse2`, `delta` for 16.
+    /// AVX-512F; `s`, `dp` valid for `nk·16`, `lse2` for 16.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softmax_grad(
         blk: &Block,
@@ -598,14 +591,20 @@ mod x86 {
         s: *mut f32,
         dp: *mut f32,
         lse2: *const f32,
-        delta: *const f32,
     ) {
-        let (l, dl) = (_mm512_loadu_ps(lse2), _mm512_loadu_ps(delta));
+        let l = _mm512_loadu_ps(lse2);
+        // δ = Σ P·dP over the window (= O·dO for O = P·V): 27 products at k = 3 instead of
+        // a head-dim dot with the output row, which is not read at all.
+        let mut dl = _mm512_setzero_ps();
         for t in 0..nk {
             let m = if blk.full { u16::MAX } else { blk.mask[t % k2] };
             let p = exp2v_masked(m, _mm512_sub_ps(_mm512_loadu_ps(s.add(t * 16)), l));
-            let ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp.add(t * 16)), dl));
             _mm512_storeu_ps(s.add(t * 16), p);
+            dl = _mm512_fmadd_ps(p, _mm512_loadu_ps(dp.add(t * 16)), dl);
+        }
+        for t in 0..nk {
+            let p = _mm512_loadu_ps(s.add(t * 16));
+            let ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp.add(t * 16)), dl));
             _mm512_storeu_ps(dp.add(t * 16), ds);
         }
     }

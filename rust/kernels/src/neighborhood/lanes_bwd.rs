@@ -463,7 +463,7 @@ unsafe fn lines<E: Element>(
             &mut sc.lse2[j * done..(j + 1) * done],
             &mut sc.delta[j * done..(j + 1) * done],
         );
-        line_stats(c, band, h, y, lse2, delta, (&mut sc.ta, &mut sc.tb));
+        line_stats(c, band, h, y, lse2, Some(delta), (&mut sc.ta, &mut sc.tb));
     }
     // Key rows of the lines' windows, as the forward builds them (rows shared by
     // consecutive lines); `krows` reads the keys where the forward reads values (dQ = dS·K).
@@ -606,8 +606,8 @@ unsafe fn lines<E: Element>(
     }
 }
 
-/// lse (base 2) and δ = O·dO of the queries of line `y` (q head `h`), zero past the
-/// line's end; `tmp` converts half rows.
+/// lse (base 2) and, if asked, δ = O·dO of the queries of line `y` (q head `h`), zero past
+/// the line's end; `tmp` converts half rows.
 ///
 /// # Safety
 /// AVX-512F; `lse2` / `delta` hold the line's blocks.
@@ -617,19 +617,25 @@ pub(super) unsafe fn line_stats<E: Element>(
     h: usize,
     y: usize,
     lse2: &mut [f32],
-    delta: &mut [f32],
+    mut delta: Option<&mut [f32]>,
     tmp: (&mut [f32], &mut [f32]),
 ) {
     let (dv, nx) = (c.dv, band.len(2));
     let (os, dos) = (Src::new(c.out, c.hq, h, dv), Src::new(c.dout, c.hq, h, dv));
     lse2.fill(0.0);
-    delta.fill(0.0);
     for x0 in (0..nx).step_by(16) {
         let nl = (nx - x0).min(16);
+        for l in 0..nl {
+            lse2[x0 + l] = c.lse[band.row(c.hq, h, y, x0 + l)] * std::f32::consts::LOG2_E;
+        }
+        let Some(delta) = delta.as_deref_mut() else {
+            continue;
+        };
+        delta[x0..x0 + 16].fill(0.0);
         let pos = |x: usize| band.geo.pos(band.g, [band.z, y, x]);
         let (mut pa, mut pb) = ([std::ptr::null(); 16], [std::ptr::null(); 16]);
-        os.rows(band.b, band.n, (x0..x0 + nl).map(pos), tmp.0, &mut pa);
-        dos.rows(band.b, band.n, (x0..x0 + nl).map(pos), tmp.1, &mut pb);
+        os.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut *tmp.0, &mut pa);
+        dos.rows(band.b, band.n, (x0..x0 + nl).map(pos), &mut *tmp.1, &mut pb);
         if band.prefetch() && y + 1 < band.len(1) {
             let next = |x: usize| band.geo.pos(band.g, [band.z, y + 1, x]);
             os.prefetch(band.b, band.n, (x0..x0 + nl).map(next));
@@ -641,7 +647,6 @@ pub(super) unsafe fn line_stats<E: Element>(
                 std::slice::from_raw_parts(pb[l], dv),
             );
             delta[x0 + l] = crate::linear::core::vdot(Level::Avx512, a, b);
-            lse2[x0 + l] = c.lse[band.row(c.hq, h, y, x0 + l)] * std::f32::consts::LOG2_E;
         }
     }
 }
