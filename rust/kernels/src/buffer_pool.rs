@@ -77,6 +77,22 @@ impl<T: Poolable> Drop for PoolVec<T> {
     }
 }
 
+impl<T: Poolable + Default> PoolVec<T> {
+    /// Makes the buffer at least `len` long, keeping the values it held: a buffer too
+    /// small goes back to the pool for the pool's best fit (so a scratch taken empty does
+    /// not grow, copy and fault in pages on every call), and only growth past the length is
+    /// zeroed.
+    pub fn fit(&mut self, len: usize) {
+        if self.0.capacity() < len {
+            let small = std::mem::replace(self, take_filled(len));
+            drop(small);
+        }
+        if self.0.len() < len {
+            self.0.resize(len, T::default());
+        }
+    }
+}
+
 /// An empty buffer holding nothing from the pool (for scratch filled on first use).
 impl<T: Poolable> Default for PoolVec<T> {
     fn default() -> Self {

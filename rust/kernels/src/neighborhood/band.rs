@@ -243,7 +243,7 @@ impl Task<'_> {
         let ss = qp + 16;
 
         // Qᵀ, scaled into base 2; lanes past the last query are zero.
-        sc.qt.resize(d * ss, 0.0);
+        sc.qt.fit(d * ss);
         sc.rows.resize(16 * d.max(dv), 0.0);
         for c in (0..qp).step_by(16) {
             let nr = (nq - c).min(16);
@@ -259,7 +259,7 @@ impl Task<'_> {
 
         // Scores Sᵀ[key][query], for each block of 4 keys only over the query vectors
         // whose windows hold one of them.
-        sc.s.resize(nk4 * ss, 0.0);
+        sc.s.fit(nk4 * ss);
         sc.o.resize(4 * dv, 0.0);
         // A column is finished (softmax, P·V, output) as soon as its last key row is in,
         // while its scores are still in cache.

@@ -237,10 +237,10 @@ impl BwdTask<'_> {
         let (k0, kst) = rows_of(&x.k, self.b, n, dil, self.g, kb, nk, &mut sc.kbuf);
         let (v0, vst) = rows_of(&x.v, self.b, n, dil, self.g, kb, nk, &mut sc.vbuf);
         sc.zero.resize(d.max(dvw), 0.0);
-        sc.qt.resize(d * ss, 0.0);
-        sc.dot.resize(dvw * ss, 0.0);
-        sc.s.resize(nk4 * ss, 0.0);
-        sc.dp.resize(nk4 * ss, 0.0);
+        sc.qt.fit(d * ss);
+        sc.dot.fit(dvw * ss);
+        sc.s.fit(nk4 * ss);
+        sc.dp.fit(nk4 * ss);
         sc.dk.resize(nk4 * d, 0.0);
         sc.dv.resize(nk4 * dvw, 0.0);
         sc.rows.resize(16 * d.max(dvw), 0.0);

@@ -284,12 +284,12 @@ unsafe fn task_run<E: Element>(c: &Call<'_, E>, band: &Band<'_>, kh: usize, sc: 
         }
     };
     let nl = store.lines();
-    fit(&mut sc.kt, capz * ny * d * xp);
-    fit(&mut sc.vt, capz * ny * dv * xp);
-    fit(&mut sc.qt, nl * d * xp);
-    fit(&mut sc.dot, nl * dv * xp);
-    fit(&mut sc.p, store.pds(nl, 0));
-    fit(&mut sc.ds, store.pds(nl, 0));
+    sc.kt.fit(capz * ny * d * xp);
+    sc.vt.fit(capz * ny * dv * xp);
+    sc.qt.fit(nl * d * xp);
+    sc.dot.fit(nl * dv * xp);
+    sc.p.fit(store.pds(nl, 0));
+    sc.ds.fit(store.pds(nl, 0));
     fit(&mut sc.fold, d.max(dv) * xp);
     fit(&mut sc.cols, k2 * d.max(dv) * 16);
     fit(&mut sc.o, LINES * d.next_multiple_of(16) * 16);

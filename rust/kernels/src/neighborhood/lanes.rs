@@ -87,12 +87,8 @@ impl Scratch {
     /// Sizes the query, score and output buffers of one step, and the key / value lines to
     /// hold `lines` transposed lines.
     pub(super) fn fit(&mut self, geo: &Geo, d: usize, dv: usize, xp: usize, lines: usize) {
-        if self.kt.len() < lines * d * xp {
-            self.kt.resize(lines * d * xp, 0.0);
-        }
-        if self.vt.len() < lines * dv * xp {
-            self.vt.resize(lines * dv * xp, 0.0);
-        }
+        self.kt.fit(lines * d * xp);
+        self.vt.fit(lines * dv * xp);
         self.qt.resize(LINES * d * xp, 0.0);
         let nkeys = geo.k.iter().product::<usize>();
         self.s.resize(LINES * nkeys * 16, 0.0);
