@@ -38,6 +38,23 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
         && geo.k[2] <= MAX_LINE_KERNEL
         && geo.group_len(2, geo.d[2] - 1) >= MIN_LINE
         && busy_lanes(geo.group_len(2, 0))
+        && ring_bytes(dims, geo) <= MAX_RING_BYTES
+}
+
+/// Most bytes of a task's ring of transposed key / value planes; larger planes take the
+/// tiled path, whose extra memory does not grow with the plane.
+const MAX_RING_BYTES: usize = 32 << 20;
+
+/// An upper bound on a task's ring: a window's planes of the longest group's lines, each of
+/// `head_dim + v_head_dim` rows of the widest stride.
+fn ring_bytes(dims: &NaDims, geo: &Geo) -> usize {
+    let (ny, nx, k2) = (geo.group_len(1, 0), geo.group_len(2, 0), geo.k[2]);
+    let xp = (nx + k2 + 15).next_multiple_of(16);
+    geo.k[0]
+        .saturating_mul(ny)
+        .saturating_mul(dims.head_dim.saturating_add(dims.v_head_dim))
+        .saturating_mul(xp)
+        .saturating_mul(4)
 }
 
 /// Whether at least 3/4 of a line's lanes hold queries: lines of 20 (5/8 busy) measured

@@ -527,3 +527,39 @@ fn cube_path_matches_reference() {
         check_every_level(ci, c, 0x94D0_49BB_1331_11EB + ci as u64);
     }
 }
+
+/// 3-D planes too large for a task's ring of transposed lines stay tiled (the forward's
+/// extra memory must not grow with the plane).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn cube_path_declines_large_planes() {
+    let small = case(
+        &[4, 16, 16],
+        4,
+        4,
+        64,
+        64,
+        0,
+        &[3, 3, 3],
+        &[1; 3],
+        &[1; 3],
+        &[false; 3],
+    );
+    let large = case(
+        &[4, 512, 512],
+        4,
+        4,
+        64,
+        64,
+        0,
+        &[3, 3, 3],
+        &[1; 3],
+        &[1; 3],
+        &[false; 3],
+    );
+    let lvl = simd::Level::Avx512;
+    let applies =
+        |c: &Case| super::cube::applies::<f32>(lvl, &c.dims, &validate(&c.dims, &c.p).unwrap());
+    assert_eq!(applies(&small), simd::available().contains(&lvl));
+    assert!(!applies(&large));
+}
