@@ -10,12 +10,10 @@
 //! line (and q head) whose window holds it. Per plane, query lines go `LINES` at a time
 //! through the 2-D lane kernel with the key rows of every plane of their window.
 
-use super::lanes::{x86, Band, Block, Lines, Scratch, Src, LINES};
+use super::lanes::{par_spans, spans, x86, Band, Block, Lines, Scratch, Src, LINES};
 use super::{Geo, NaDims, SharedMut};
 use crate::element::Element;
-use crate::per_thread::PerThread;
 use crate::simd::Level;
-use rayon::prelude::*;
 use std::any::TypeId;
 
 /// Largest window (keys per query) taken here.
@@ -75,70 +73,64 @@ pub(super) fn run<E: Element>(
     out: &mut [E],
     lse: &mut [E::Acc],
 ) {
-    let (batch, hq, hkv, d, dv) = (
-        dims.batch,
-        dims.q_heads,
-        dims.kv_heads,
-        dims.head_dim,
-        dims.v_head_dim,
-    );
-    let group = hq / hkv;
+    let hq = dims.q_heads;
     let qscale = (scale * std::f64::consts::LOG2_E) as f32;
-    // Runs of planes: (group, first plane, end plane), every group's planes split into as
-    // few runs as give every thread the same number of tasks (a run re-transposes the key
-    // planes it shares with its neighbours).
-    let groups = geo.d[0] * geo.d[1] * geo.d[2];
+    // Runs of planes: every group's planes split into as few runs as give every thread the
+    // same number of tasks (a run re-transposes the key planes it shares with its
+    // neighbours).
+    let tasks = geo.d.iter().product::<usize>() * dims.batch * dims.kv_heads;
     let threads = rayon::current_num_threads().max(1);
-    let planes0 = geo.group_len(0, 0);
     let mut nr = 1;
-    while nr < planes0 && !(groups * batch * hkv * nr).is_multiple_of(threads) {
+    while nr < geo.group_len(0, 0) && !(tasks * nr).is_multiple_of(threads) {
         nr += 1;
-    }
-    let mut runs = Vec::new();
-    for gi in 0..groups {
-        let g = [
-            gi / (geo.d[1] * geo.d[2]),
-            (gi / geo.d[2]) % geo.d[1],
-            gi % geo.d[2],
-        ];
-        let len = geo.group_len(0, g[0]);
-        runs.extend(
-            (0..nr)
-                .map(|i| (g, len * i / nr, len * (i + 1) / nr))
-                .filter(|&(_, a, b)| a < b),
-        );
     }
     let outp = SharedMut(out.as_mut_ptr());
     // SAFETY: `applies` checked that `E::Acc` is f32.
     let lse = unsafe { &mut *(lse as *mut [E::Acc] as *mut [f32]) };
     let lsep = SharedMut(lse.as_mut_ptr());
-    let scratch = PerThread::new();
-    (0..runs.len() * batch * hkv)
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|task| {
-            let kh = task % hkv;
-            let (g, z0, z1) = runs[(task / hkv) % runs.len()];
-            let b = task / (hkv * runs.len());
-            scratch.with(Scratch::new, |sc| {
-                let band = Band {
-                    geo,
-                    g,
-                    z: z0,
-                    y: (0, geo.group_len(1, g[1])),
-                    b,
-                    n: geo.n,
-                    dv,
-                };
-                let (ks, vs) = (Src::new(k, hkv, kh, d), Src::new(v, hkv, kh, dv));
-                let qs: Vec<Src<'_, E>> = (kh * group..(kh + 1) * group)
-                    .map(|h| Src::new(q, hq, h, d))
-                    .collect();
-                // SAFETY: `applies` checked AVX-512F; this task alone writes its planes'
-                // query rows of these q heads.
-                unsafe { planes(&band, z1, sc, &qs, (&ks, &vs), qscale, outp, lsep, hq) };
-            })
-        });
+    par_spans(
+        dims,
+        geo,
+        &spans(geo, 0, nr),
+        0,
+        (q, k, v),
+        |band, z1, sc, qs, kv| {
+            // SAFETY: `applies` checked AVX-512F; this task alone writes its planes' query rows
+            // of these q heads.
+            unsafe { planes(band, z1, sc, qs, kv, qscale, outp, lsep, hq) };
+        },
+    );
+}
+
+/// A line's 16-lane blocks and the row stride of its transposed lines: loads reach
+/// `base + dx + 15 < base + k2 + 15`, and lines are transposed in whole blocks.
+pub(super) fn line_blocks(band: &Band<'_>) -> (Vec<Block>, usize) {
+    let (nx, k2) = (band.len(2), band.geo.k[2]);
+    let blocks: Vec<Block> = (0..nx)
+        .step_by(16)
+        .map(|x0| Block::new(band, x0, k2))
+        .collect();
+    let xp = blocks
+        .iter()
+        .map(|b| b.base + k2 + 15)
+        .max()
+        .unwrap_or(0)
+        .max(nx)
+        .next_multiple_of(16);
+    (blocks, xp)
+}
+
+/// Key planes held for query planes `z0..z1`: their widest window along the planes
+/// (windows move monotonically, so a plane before the current window's first is not
+/// needed again).
+pub(super) fn planes_held(band: &Band<'_>, z0: usize, z1: usize) -> usize {
+    (z0..z1)
+        .map(|z| {
+            let (s, e) = band.win(0, z);
+            e - s
+        })
+        .max()
+        .unwrap_or(1)
 }
 
 /// Planes `band.z .. z1` of the band's group for the q heads `qs` of one kv head `kv`.
@@ -159,29 +151,10 @@ unsafe fn planes<E: Element>(
 ) {
     let geo = band.geo;
     let (d, dv) = (kv.0.w, band.dv);
-    let (ny, nx, k2) = (band.len(1), band.len(2), geo.k[2]);
+    let ny = band.len(1);
     let z0 = band.z;
-    let blocks: Vec<Block> = (0..nx)
-        .step_by(16)
-        .map(|x0| Block::new(band, x0, k2))
-        .collect();
-    // Loads reach `base + dx + 15 < base + k2 + 15`; lines are transposed in whole blocks.
-    let xp = blocks
-        .iter()
-        .map(|b| b.base + k2 + 15)
-        .max()
-        .unwrap_or(0)
-        .max(nx.next_multiple_of(16))
-        .next_multiple_of(16);
-    // Key planes held: the widest window along the planes (windows move monotonically,
-    // so a plane before the current window's first is not needed again).
-    let capz = (z0..z1)
-        .map(|z| {
-            let (s, e) = band.win(0, z);
-            e - s
-        })
-        .max()
-        .unwrap_or(1);
+    let (blocks, xp) = line_blocks(band);
+    let capz = planes_held(band, z0, z1);
     sc.fit(geo, d, dv, xp, capz * ny);
     let ring = Ring {
         capz,

@@ -12,15 +12,14 @@
 //! `base + idx[l] + dx`) into the key columns, and writes dK / dV once: nothing is shared
 //! between tasks or zeroed in memory.
 
-use super::cube::Ring;
-use super::lanes::{x86 as lx, Band, Block, Src, LINES};
+use super::cube::{line_blocks, planes_held, Ring};
+use super::lanes::{par_groups, x86 as lx, Band, Block, Src, LINES};
 use super::lanes_bwd::{line_stats, Call};
 use super::{Geo, NaDims};
 use crate::buffer_pool::{take_filled, PoolVec};
 use crate::element::Element;
 use crate::per_thread::PerThread;
 use crate::simd::Level;
-use rayon::prelude::*;
 
 /// Most bytes of a task's rings (transposed key / value planes, stored query planes).
 const MAX_TASK_BYTES: usize = 32 << 20;
@@ -36,22 +35,9 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
         return false;
     }
     // Group 0 is the longest in every dimension.
-    let band = Band {
-        geo,
-        g: [0; 3],
-        z: 0,
-        y: (0, geo.group_len(1, 0)),
-        b: 0,
-        n: geo.n,
-        dv: dims.v_head_dim,
-    };
+    let band = Band::group(geo, [0; 3], 0, dims.v_head_dim);
     let layout = Layout::new(&band, dims.q_heads / dims.kv_heads);
     layout.bytes(dims.head_dim, dims.v_head_dim) <= MAX_TASK_BYTES
-}
-
-/// Row stride of a transposed line whose blocks' loads start at most at `base_max`.
-fn line_stride(base_max: usize, k2: usize) -> usize {
-    (base_max + k2 + 15).next_multiple_of(16)
 }
 
 /// Per-thread buffers; the rings pooled across calls with the values they held (every
@@ -112,35 +98,12 @@ pub(super) fn run<E: Element>(
 ) {
     // SAFETY: `applies` checked that `E::Acc` is f32; tasks write disjoint rows (below).
     let call = unsafe { Call::new(dims, scale, q, k, v, out, dout, lse, dq, dk, dv) };
-    let groups = geo.d.iter().product::<usize>();
-    let hkv = dims.kv_heads;
     let scratch = PerThread::new();
-    (0..dims.batch * groups * hkv)
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|task| {
-            let kh = task % hkv;
-            let gi = (task / hkv) % groups;
-            let b = task / (hkv * groups);
-            let g = [
-                gi / (geo.d[1] * geo.d[2]),
-                (gi / geo.d[2]) % geo.d[1],
-                gi % geo.d[2],
-            ];
-            let band = Band {
-                geo,
-                g,
-                z: 0,
-                y: (0, geo.group_len(1, g[1])),
-                b,
-                n: geo.n,
-                dv: dims.v_head_dim,
-            };
-            // SAFETY: `applies` checked AVX-512F; this task alone writes dQ of its group's
-            // queries of the kv head's q heads, and dK / dV of its group's keys of the kv
-            // head.
-            scratch.with(Scratch::new, |sc| unsafe { task_run(&call, &band, kh, sc) });
-        });
+    par_groups(dims, geo, |band, kh| {
+        // SAFETY: `applies` checked AVX-512F; this task alone writes dQ of its group's
+        // queries of the kv head's q heads, and dK / dV of its group's keys of the kv head.
+        scratch.with(Scratch::new, |sc| unsafe { task_run(&call, band, kh, sc) });
+    });
 }
 
 /// The task's schedule along the planes and its ring of stored query planes: after query
@@ -230,20 +193,8 @@ struct Layout {
 
 impl Layout {
     fn new(band: &Band<'_>, group: usize) -> Self {
-        let (nz, nx, k2) = (band.len(0), band.len(2), band.geo.k[2]);
-        let blocks: Vec<Block> = (0..nx)
-            .step_by(16)
-            .map(|x0| Block::new(band, x0, k2))
-            .collect();
-        let base_max = blocks.iter().map(|b| b.base).max().unwrap_or(0);
-        let xp = line_stride(base_max, k2).max(nx.next_multiple_of(16));
-        let capz = (0..nz)
-            .map(|z| {
-                let (s, e) = band.win(0, z);
-                e - s
-            })
-            .max()
-            .unwrap_or(1);
+        let (blocks, xp) = line_blocks(band);
+        let capz = planes_held(band, 0, band.len(0));
         let store = Store::new(band, group, blocks.len());
         Layout {
             blocks,
@@ -460,10 +411,11 @@ unsafe fn lines<E: Element>(
     }
 }
 
-/// The stored query lines one key line sums over (one block): per line its dS (P) at the
-/// key line's window row, and its Qᵀ (dOᵀ) at the block.
+/// The stored query lines one key line sums over: each line's index and the key line's
+/// window row in it, and per block its dS (P) at that row and its Qᵀ (dOᵀ) at the block.
 #[derive(Default)]
 struct Pairs {
+    lines: Vec<(usize, usize)>,
     s: Vec<*const f32>,
     x: Vec<*const f32>,
 }
@@ -488,34 +440,43 @@ unsafe fn finish_line<E: Element>(
     let nx = at.len(2);
     let k2 = at.geo.k[2];
     let (zk, d, dv) = (at.z, c.d, c.dv);
+    // (stored line, the key line's window row in it) of every query line whose window
+    // holds the key line.
     let (iz, iy) = (store.inv_z[zk], store.inv_y[y]);
-    for (which, outp, w, mul) in [(0, c.dk, d, std::f32::consts::LN_2), (1, c.dvv, dv, 1.0)] {
+    pairs.lines.clear();
+    for zq in iz.0..iz.1 {
+        let zs = at.win(0, zq).0;
+        for yq in iy.0..iy.1 {
+            let (ys, ye) = at.win(1, yq);
+            let row = (zk - zs) * (ye - ys) + (y - ys);
+            pairs
+                .lines
+                .extend((0..store.group).map(|hi| (store.line(zq, yq, hi), row)));
+        }
+    }
+    // Only the columns the blocks' sums reach, and not those block 0's first window
+    // column stores.
+    let end = blocks.last().map_or(0, |b| b.base + k2 + 15).min(xp);
+    let first = blocks[0].base;
+    let (ds, qt, p, dot) = (
+        sc.ds.as_ptr(),
+        sc.qt.as_ptr(),
+        sc.p.as_ptr(),
+        sc.dot.as_ptr(),
+    );
+    for (s, x, w, outp, mul) in [
+        (ds, qt, d, c.dk, std::f32::consts::LN_2),
+        (p, dot, dv, c.dvv, 1.0),
+    ] {
         let fold = sc.fold.as_mut_ptr();
-        // Only the columns the blocks' sums reach, and not those block 0's first window
-        // column stores.
-        let end = blocks.last().map_or(0, |b| b.base + k2 + 15).min(xp);
-        let first = blocks[0].base;
         lx::zero_cols(fold, w, xp, 0, first);
         lx::zero_cols(fold, w, xp, first + 16, end);
         for (bi, blk) in blocks.iter().enumerate() {
             pairs.s.clear();
             pairs.x.clear();
-            for zq in iz.0..iz.1 {
-                let (zs, _) = at.win(0, zq);
-                for yq in iy.0..iy.1 {
-                    let (ys, ye) = at.win(1, yq);
-                    let row = (zk - zs) * (ye - ys) + (y - ys);
-                    for hi in 0..store.group {
-                        let i = store.line(zq, yq, hi);
-                        let (s, x, xw) = if which == 0 {
-                            (sc.ds.as_ptr(), sc.qt.as_ptr(), d)
-                        } else {
-                            (sc.p.as_ptr(), sc.dot.as_ptr(), dv)
-                        };
-                        pairs.s.push(s.add(store.pds(i, bi) + row * k2 * 16));
-                        pairs.x.push(x.add(i * xw * xp + 16 * bi));
-                    }
-                }
+            for &(i, row) in &pairs.lines {
+                pairs.s.push(s.add(store.pds(i, bi) + row * k2 * 16));
+                pairs.x.push(x.add(i * w * xp + 16 * bi));
             }
             // Per row all window columns at once (each Qᵀ / dOᵀ vector loaded once), into
             // `sc.cols`, then shifted into the key columns.

@@ -160,68 +160,108 @@ pub(super) fn run<E: Element>(
     out: &mut [E],
     lse: &mut [E::Acc],
 ) {
-    let (batch, hq, hkv, d, dv) = (
-        dims.batch,
-        dims.q_heads,
-        dims.kv_heads,
-        dims.head_dim,
-        dims.v_head_dim,
-    );
-    let n = geo.n;
-    let group = hq / hkv;
+    let hq = dims.q_heads;
     let qscale = (scale * std::f64::consts::LOG2_E) as f32;
-    // Bands: (group, first line, end line) (2-D: the leading internal dimension has length
-    // 1); every group's lines are split evenly into `nb` bands, as few as give every
-    // thread the same number of (band, batch entry, kv head) tasks.
-    let lines0 = geo.group_len(1, 0);
+    // Bands: every group's lines split evenly into `nb` bands (2-D: the leading internal
+    // dimension has length 1), as few as give every thread the same number of (band,
+    // batch entry, kv head) tasks.
     let nb = bands_per_group(
-        lines0,
-        geo.d[1] * geo.d[2] * batch * hkv,
+        geo.group_len(1, 0),
+        geo.d[1] * geo.d[2] * dims.batch * dims.kv_heads,
         rayon::current_num_threads(),
     );
-    let mut bands = Vec::new();
-    for g1 in 0..geo.d[1] {
-        for g2 in 0..geo.d[2] {
-            let len = geo.group_len(1, g1);
-            bands.extend(
-                (0..nb)
-                    .map(|i| ([0, g1, g2], len * i / nb, len * (i + 1) / nb))
-                    .filter(|&(_, a, b)| a < b),
-            );
-        }
-    }
     let outp = SharedMut(out.as_mut_ptr());
     // SAFETY: `applies` checked that `E::Acc` is f32.
     let lse = unsafe { &mut *(lse as *mut [E::Acc] as *mut [f32]) };
     let lsep = SharedMut(lse.as_mut_ptr());
-    let scratch = PerThread::new();
     // A task streams its band's lines for the q heads of one kv head: each key / value line
     // is transposed once (into a ring of the lines the current windows span) and serves
     // every q head sharing it.
-    (0..bands.len() * batch * hkv)
+    par_spans(
+        dims,
+        geo,
+        &spans(geo, 1, nb),
+        1,
+        (q, k, v),
+        |band, _, sc, qs, kv| {
+            // SAFETY: this task alone writes its band's query rows of these q heads.
+            unsafe { band.run(sc, qs, kv, qscale, outp, lsep, hq) };
+        },
+    );
+}
+
+/// Group `gi` of a call's dilation groups, row-major over the three dimensions.
+pub(super) fn group_at(geo: &Geo, gi: usize) -> [usize; 3] {
+    [
+        gi / (geo.d[1] * geo.d[2]),
+        (gi / geo.d[2]) % geo.d[1],
+        gi % geo.d[2],
+    ]
+}
+
+/// Every group's planes (`dim` 0) or lines (`dim` 1) split into `parts` near-equal runs
+/// `(group, start, end)`.
+pub(super) fn spans(geo: &Geo, dim: usize, parts: usize) -> Vec<([usize; 3], usize, usize)> {
+    let mut out = Vec::new();
+    for gi in 0..geo.d.iter().product::<usize>() {
+        let g = group_at(geo, gi);
+        let len = geo.group_len(dim, g[dim]);
+        out.extend(
+            (0..parts)
+                .map(|i| (g, len * i / parts, len * (i + 1) / parts))
+                .filter(|&(_, a, b)| a < b),
+        );
+    }
+    out
+}
+
+/// Runs `f(band, end, scratch, q sources, (key, value sources))` for every (span, batch
+/// entry, kv head) task in parallel, with this worker's scratch: the band starts at the
+/// span (plane `start` with every line for `dim` 0, lines `start..end` of plane 0 for
+/// `dim` 1) and the sources are the kv head's and its q heads'.
+pub(super) fn par_spans<E: Element>(
+    dims: &NaDims,
+    geo: &Geo,
+    spans: &[([usize; 3], usize, usize)],
+    dim: usize,
+    (q, k, v): (&[E], &[E], &[E]),
+    f: impl Fn(&Band<'_>, usize, &mut Scratch, &[Src<'_, E>], (&Src<'_, E>, &Src<'_, E>)) + Sync,
+) {
+    let (hq, hkv, d, dv) = (dims.q_heads, dims.kv_heads, dims.head_dim, dims.v_head_dim);
+    let group = hq / hkv;
+    let scratch = PerThread::new();
+    (0..spans.len() * dims.batch * hkv)
         .into_par_iter()
         .with_max_len(1)
         .for_each(|task| {
             let kh = task % hkv;
-            let (g, y0, y1) = bands[(task / hkv) % bands.len()];
-            let bi = task / (hkv * bands.len());
-            scratch.with(Scratch::new, |sc| {
-                let ctx = Band {
-                    geo,
-                    g,
-                    z: 0,
-                    y: (y0, y1),
-                    b: bi,
-                    n,
-                    dv,
-                };
-                let (ks, vs) = (Src::new(k, hkv, kh, d), Src::new(v, hkv, kh, dv));
-                let qs: Vec<Src<'_, E>> = (kh * group..(kh + 1) * group)
-                    .map(|h| Src::new(q, hq, h, d))
-                    .collect();
-                // SAFETY: this task alone writes its band's query rows of these q heads.
-                unsafe { ctx.run(sc, &qs, (&ks, &vs), qscale, outp, lsep, hq) };
-            })
+            let (g, a, e) = spans[(task / hkv) % spans.len()];
+            let mut band = Band::group(geo, g, task / (hkv * spans.len()), dv);
+            if dim == 0 {
+                band.z = a;
+            } else {
+                band.y = (a, e);
+            }
+            let (ks, vs) = (Src::new(k, hkv, kh, d), Src::new(v, hkv, kh, dv));
+            let qs: Vec<Src<'_, E>> = (kh * group..(kh + 1) * group)
+                .map(|h| Src::new(q, hq, h, d))
+                .collect();
+            scratch.with(Scratch::new, |sc| f(&band, e, sc, &qs, (&ks, &vs)));
+        });
+}
+
+/// Runs `f(band, kv head)` for every (batch entry, dilation group, kv head) in parallel,
+/// the band the whole group.
+pub(super) fn par_groups(dims: &NaDims, geo: &Geo, f: impl Fn(&Band<'_>, usize) + Sync) {
+    let groups = geo.d.iter().product::<usize>();
+    let hkv = dims.kv_heads;
+    (0..dims.batch * groups * hkv)
+        .into_par_iter()
+        .with_max_len(1)
+        .for_each(|task| {
+            let g = group_at(geo, (task / hkv) % groups);
+            let band = Band::group(geo, g, task / (hkv * groups), dims.v_head_dim);
+            f(&band, task % hkv);
         });
 }
 
@@ -252,7 +292,20 @@ pub(super) struct Band<'a> {
     pub(super) dv: usize,
 }
 
-impl Band<'_> {
+impl<'a> Band<'a> {
+    /// All of group `g` of batch entry `b`: plane 0, every line.
+    pub(super) fn group(geo: &'a Geo, g: [usize; 3], b: usize, dv: usize) -> Self {
+        Band {
+            geo,
+            g,
+            z: 0,
+            y: (0, geo.group_len(1, g[1])),
+            b,
+            n: geo.n,
+            dv,
+        }
+    }
+
     pub(super) fn len(&self, dim: usize) -> usize {
         self.geo.group_len(dim, self.g[dim])
     }

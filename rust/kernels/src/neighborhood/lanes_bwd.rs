@@ -14,7 +14,7 @@
 //! stop moving, do not fit that shift: their P / dS are stored as zero and their dK / dV go
 //! through a small row-layout buffer of the line-end key columns instead.
 
-use super::lanes::{x86 as lx, Band, Block, Src, LINES};
+use super::lanes::{par_groups, x86 as lx, Band, Block, Src, LINES};
 use super::{Geo, NaDims, SharedMut};
 use crate::buffer_pool::{take_filled, PoolVec};
 use crate::element::Element;
@@ -22,7 +22,6 @@ use crate::linear::core::axpy;
 use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
 use crate::simd::Level;
-use rayon::prelude::*;
 
 /// Left padding of the stored query lines: key-centric loads start up to `k2 − 1 ≤ 15`
 /// columns before a line's first query.
@@ -60,15 +59,7 @@ pub(super) fn applies<E: Element>(level: Level, dims: &NaDims, geo: &Geo) -> boo
 
 /// The plan of group 0, the longest in every dimension.
 fn largest_plan(dims: &NaDims, geo: &Geo) -> Plan {
-    Plan::new(&Band {
-        geo,
-        g: [0; 3],
-        z: 0,
-        y: (0, geo.group_len(1, 0)),
-        b: 0,
-        n: geo.n,
-        dv: dims.v_head_dim,
-    })
+    Plan::new(&Band::group(geo, [0; 3], 0, dims.v_head_dim))
 }
 
 /// A group's line schedule: which key lines are finished after which query line, and how
@@ -286,33 +277,15 @@ pub(super) fn run<E: Element>(
 ) {
     // SAFETY: `applies` checked that `E::Acc` is f32; tasks write disjoint rows (below).
     let call = unsafe { Call::new(dims, scale, q, k, v, out, dout, lse, dq, dk, dv) };
-    let groups = geo.d[1] * geo.d[2];
-    let hkv = dims.kv_heads;
     let plan0 = largest_plan(dims, geo);
-    let group = dims.q_heads / hkv;
+    let group = dims.q_heads / dims.kv_heads;
     let init = || Scratch::new(&plan0, dims.head_dim, dims.v_head_dim, group);
     let scratch = PerThread::new();
-    (0..dims.batch * groups * hkv)
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|task| {
-            let kh = task % hkv;
-            let gi = (task / hkv) % groups;
-            let b = task / (hkv * groups);
-            let g = [0, gi / geo.d[2], gi % geo.d[2]];
-            let band = Band {
-                geo,
-                g,
-                z: 0,
-                y: (0, geo.group_len(1, g[1])),
-                b,
-                n: geo.n,
-                dv: dims.v_head_dim,
-            };
-            // SAFETY: this task alone writes dQ of its group's queries of the kv head's q
-            // heads, and dK / dV of its group's keys of the kv head.
-            scratch.with(init, |sc| unsafe { task_run(&call, &band, kh, sc) });
-        });
+    par_groups(dims, geo, |band, kh| {
+        // SAFETY: this task alone writes dQ of its group's queries of the kv head's q
+        // heads, and dK / dV of its group's keys of the kv head.
+        scratch.with(init, |sc| unsafe { task_run(&call, band, kh, sc) });
+    });
 }
 
 /// # Safety
