@@ -4,7 +4,7 @@
 //! keep their pages; the pool retains at most [`MAX_BYTES`] per element type.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// Upper bound on what the pool of one element type keeps between calls.
 pub const MAX_BYTES: usize = 256 << 20;
@@ -110,6 +110,24 @@ impl<T: Poolable> Deref for PoolVec<T> {
 impl<T: Poolable> DerefMut for PoolVec<T> {
     fn deref_mut(&mut self) -> &mut Vec<T> {
         &mut self.0
+    }
+}
+
+/// Every pool's lock, held: while a [`Locked`] lives no thread can be inside a pool
+/// operation. A process that forks holds one across `fork()` (the binding's `pthread_atfork`
+/// handlers), so the child never inherits a lock taken by a thread that does not exist there.
+pub struct Locked {
+    _f32: MutexGuard<'static, Vec<Vec<f32>>>,
+    _f64: MutexGuard<'static, Vec<Vec<f64>>>,
+}
+
+/// Waits for every pool operation in flight (each holds its lock for microseconds) and locks
+/// the pools until the returned value is dropped. Always in this order, the only place that
+/// holds more than one pool lock.
+pub fn lock_all() -> Locked {
+    Locked {
+        _f32: POOL_F32.lock().unwrap_or_else(|e| e.into_inner()),
+        _f64: POOL_F64.lock().unwrap_or_else(|e| e.into_inner()),
     }
 }
 

@@ -6,6 +6,7 @@
 mod attention;
 mod buffers;
 mod flow;
+mod fork;
 mod linear;
 mod neighborhood;
 mod runtime;
@@ -18,6 +19,7 @@ static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::allo
 
 #[pymodule]
 fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    fork::install().map_err(pyo3::exceptions::PyRuntimeError::new_err)?;
     runtime::register(m)?;
     attention::register(m)?;
     flow::register(m)?;

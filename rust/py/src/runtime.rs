@@ -5,15 +5,20 @@ use fastattn_kernels::KernelError;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 static POOL: Mutex<Option<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+
+/// The pool slot, locked (the fork handlers hold it across `fork()`).
+pub(crate) fn pool_slot() -> MutexGuard<'static, Option<(usize, Arc<rayon::ThreadPool>)>> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The pool with `threads` workers, rebuilt only when the requested size changes (Python
 /// asks for torch's intra-op thread count, or FASTATTN_NUM_THREADS, on every call).
 fn pool(threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     let threads = threads.max(1);
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = pool_slot();
     if let Some((n, p)) = guard.as_ref() {
         if *n == threads {
             return Ok(p.clone());
