@@ -19,6 +19,7 @@ use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::error::{check_len, KernelError};
 use crate::per_thread::PerThread;
+use crate::simd::math::VecMath;
 use crate::simd::{self, Level};
 use rayon::prelude::*;
 
@@ -456,8 +457,9 @@ pub fn backward<E: Element>(
 }
 
 /// One causal step from a state (a decode step): `S' = S + φ(k) vᵀ`, `z' = z + φ(k)`,
-/// `o = s φ(q) S'` (divided by `s φ(q)·z' + 1e-10` when normalising), in one pass over `S`
-/// instead of the chunked core's packing and copies.
+/// `o = s φ(q) S'` (divided by `s φ(q)·z' + 1e-10` when normalising), without the chunked
+/// core's packing and copies. The output is `a·S + (a·φ(k)) v` with `a = s φ(q)`: one
+/// vector-matrix product over `S`, so `S'` is only formed when the caller asks for it.
 #[allow(clippy::type_complexity)]
 fn decode_step<E: Element>(
     level: Level,
@@ -470,7 +472,6 @@ fn decode_step<E: Element>(
 ) {
     let zero = <E::Acc as Acc>::ZERO;
     let (kd, vd) = (q.len(), v.len());
-    let scale = E::Acc::from_f64(opts.scale);
     for (buf, x) in [(&mut sc.aq, q), (&mut sc.kf, k)] {
         buf.clear();
         buf.resize(kd, zero);
@@ -480,39 +481,35 @@ fn decode_step<E: Element>(
         .apply_rows(level, &mut sc.aq, &mut sc.tmp, None);
     opts.feature_map
         .apply_rows(level, &mut sc.kf, &mut sc.tmp, None);
+    E::Acc::scale(level, &mut sc.aq, E::Acc::from_f64(opts.scale));
     sc.v.clear();
     sc.v.resize(vd, zero);
     E::to_acc_slice(v, &mut sc.v);
     sc.o.clear();
     sc.o.resize(vd, zero);
-    sc.g.clear();
-    sc.g.resize(vd, zero);
-    let mut den = zero;
-    for r in 0..kd {
-        let (qr, kr) = (sc.aq[r] * scale, sc.kf[r]);
-        let row = &mut sc.g[..vd];
-        match s0 {
-            Some(s) => row.copy_from_slice(&s[r * vd..(r + 1) * vd]),
-            None => row.fill(zero),
+    if let Some(s) = s0 {
+        E::Acc::axpy_rows(level, &mut sc.o, &sc.aq, s, vd);
+    }
+    let c = core::vdot(level, &sc.aq, &sc.kf);
+    E::Acc::axpy_rows(level, &mut sc.o, &[c], &sc.v, vd);
+    if !s_fin.is_empty() {
+        for (r, row) in s_fin.chunks_exact_mut(vd).enumerate().take(kd) {
+            match s0 {
+                Some(s) => row.copy_from_slice(&s[r * vd..(r + 1) * vd]),
+                None => row.fill(zero),
+            }
+            E::Acc::axpy_rows(level, row, &sc.kf[r..r + 1], &sc.v, vd);
         }
-        row.iter_mut()
-            .zip(sc.v.iter())
-            .for_each(|(x, &y)| *x += kr * y);
-        sc.o.iter_mut()
-            .zip(row.iter())
-            .for_each(|(o, &x)| *o += qr * x);
-        if !s_fin.is_empty() {
-            s_fin[r * vd..(r + 1) * vd].copy_from_slice(row);
-        }
-        let zr = z0.map_or(zero, |z| z[r]) + kr;
-        den += qr * zr;
-        if !z_fin.is_empty() {
-            z_fin[r] = zr;
+    }
+    if !z_fin.is_empty() {
+        for (r, z) in z_fin.iter_mut().enumerate().take(kd) {
+            *z = z0.map_or(zero, |z0| z0[r]) + sc.kf[r];
         }
     }
     if opts.normalize {
+        let den = c + z0.map_or(zero, |z0| core::vdot(level, &sc.aq, z0));
         let inv = E::Acc::ONE / (den + E::Acc::from_f64(core::NORM_EPS));
-        sc.o.iter_mut().for_each(|x| *x *= inv);
+        E::Acc::scale(level, &mut sc.o, inv);
     }
     E::from_acc_slice(&sc.o, out);
 }
