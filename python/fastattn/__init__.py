@@ -7,7 +7,7 @@ every op in :mod:`fastattn.reference`. Kernels run on ``torch.get_num_threads()`
 """
 
 from . import autograd, numpy, reference
-from ._native import num_threads, release_memory, set_simd_level, simd_level, simd_levels
+from ._native import measure_fma_peak, num_threads, release_memory, set_simd_level, simd_level, simd_levels
 from .attention import AttentionFunction, attention
 from .flow import FlowAttentionFunction, flow_attention
 from .linear import LinearAttentionFunction, linear_attention
@@ -32,6 +32,7 @@ __all__ = [
     "autograd",
     "numpy",
     "reference",
+    "measure_fma_peak",
     "num_threads",
     "release_memory",
     "set_simd_level",

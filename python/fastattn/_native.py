@@ -10,7 +10,8 @@ import os
 
 from . import _fastattn as lib
 
-__all__ = ["lib", "num_threads", "simd_level", "simd_levels", "set_simd_level", "release_memory"]
+__all__ = ["lib", "num_threads", "simd_level", "simd_levels", "set_simd_level", "release_memory",
+           "measure_fma_peak"]
 
 
 def num_threads() -> int:
@@ -54,3 +55,18 @@ def release_memory() -> None:
     """Frees the scratch buffers kernels keep between calls to avoid page faults on the next
     call (at most 256 MiB per element type)."""
     lib.release_buffers()
+
+
+def measure_fma_peak(threads: int | None = None, seconds: float = 0.5) -> float:
+    """This machine's fp32 FMA peak in GFLOP/s, measured now at the active SIMD level on
+    ``threads`` threads (default: :func:`num_threads`) for about ``seconds``: the hardware
+    limit the benchmark table's ``% peak`` refers to. Each thread runs independent vector
+    FMA chains (more than FMA latency × FMA ports) from distinct unknown starting values,
+    best of 5 rounds; the scalar level measures separate multiplies and adds."""
+    if threads is None:
+        threads = num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 60:
+        raise ValueError(f"seconds must be a number in (0, 60], got {seconds!r}")
+    return lib.measure_fma_peak(threads, float(seconds))[0]

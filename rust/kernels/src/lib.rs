@@ -21,6 +21,7 @@ pub mod buffer_pool;
 pub mod element;
 pub mod error;
 pub mod flow;
+pub mod fma_peak;
 pub mod gemm;
 pub mod linear;
 pub mod neighborhood;

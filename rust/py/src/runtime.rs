@@ -127,6 +127,24 @@ fn release_buffers() {
     fastattn_kernels::buffer_pool::release_all();
 }
 
+/// This machine's fp32 FMA peak at the active SIMD level on `threads` threads, measured for
+/// about `seconds`: `(GFLOP/s, level name)`.
+#[pyfunction]
+#[pyo3(signature = (threads, seconds=0.5))]
+fn measure_fma_peak(py: Python<'_>, threads: usize, seconds: f64) -> PyResult<(f64, &'static str)> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(PyValueError::new_err(format!("seconds must be positive, got {seconds}")));
+    }
+    let mut peak = None;
+    let slot = &mut peak;
+    run(py, threads, f64::INFINITY, move || {
+        *slot = Some(fastattn_kernels::fma_peak::measure(seconds, 5)?);
+        Ok(())
+    })?;
+    let peak = peak.ok_or_else(|| PyRuntimeError::new_err("peak measurement did not run"))?;
+    Ok((peak.flops_per_s / 1e9, peak.level.name()))
+}
+
 /// Panics inside the guarded kernel runner, on a pool thread: lets the tests check that a
 /// Rust panic reaches Python as an exception instead of aborting the interpreter.
 #[pyfunction]
@@ -145,6 +163,7 @@ fn _panic_in_kernel_for_tests(py: Python<'_>, threads: usize) -> PyResult<()> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_in_kernel_for_tests, m)?)?;
     m.add_function(wrap_pyfunction!(release_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_fma_peak, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
