@@ -20,8 +20,16 @@ import fastattn
 
 @dataclass
 class Impl:
-    forward: Callable[[], object]
+    forward: Callable[[], object] | None
     backward: Callable[[], object] | None = None
+    # This implementation's own work on the case, in any unit shared by the family's cases
+    # (None: the case's useful FLOPs). The table predicts a call's time from the same
+    # implementation's time on a smaller case, scaled by this, and skips calls predicted to
+    # exceed its budget; peers whose work grows faster than fastattn's (quadratic in T where
+    # fastattn is linear, dense N x N where it is windowed) say so here.
+    cost: float | None = None
+    # Why a direction is absent, by direction ("fwd"/"bwd"), printed in the table's cell.
+    skip: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,6 +39,9 @@ class Case:
     flops_fwd: float  # useful FLOPs of one forward
     bwd_factor: float  # backward FLOPs = bwd_factor * forward FLOPs
     impls: dict[str, Impl] = field(default_factory=dict)
+    # Cases of one series run the same algorithms at growing sizes, so a peer's time on one
+    # predicts its time on the next (causal and non-causal forms are different series).
+    series: str = ""
 
 
 def bench_params(cases: list[Case]) -> list:
@@ -88,7 +99,8 @@ def attention_cases(ts=(512, 2048, 8192), b=1, h=8, d=64, dtype=torch.float32) -
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
             flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
-            case = Case("attention", f"B{b} H{h} T{t} D{d}{' causal' if causal else ''}", flops, 2.5)
+            case = Case("attention", f"B{b} H{h} T{t} D{d}{' causal' if causal else ''}", flops, 2.5,
+                        series=f"attention causal={causal}")
             case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v, f=ours: f(q, k, v), _grad_of(ours, (q, k, v)))
             case.impls["torch_sdpa"] = Impl(lambda q=qh, k=kh, v=vh, f=sdpa: f(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
             cases.append(case)
@@ -153,6 +165,7 @@ def _plain_flow(q, k, v, causal):
 # backward runs up to T=1024 only (its forward at every T).
 _PLAIN_CAUSAL_MAX_T = 4096
 _NAIVE_BWD_MAX_T = 1024
+_PLAIN_CAUSAL_SKIP = {d: f"memory: [T, D, Dv] cumsum above T={_PLAIN_CAUSAL_MAX_T}" for d in ("fwd", "bwd")}
 
 
 def linear_cases(ts=(1024, 4096, 16384), b=1, h=8, d=64, dtype=torch.float32) -> list[Case]:
@@ -184,11 +197,17 @@ def linear_cases(ts=(1024, 4096, 16384), b=1, h=8, d=64, dtype=torch.float32) ->
             case.impls["fla_naive"] = Impl(
                 lambda q=q, k=k, v=v: fla_naive(q, k, v),
                 _grad_of(fla_naive, (q, k, v)) if t <= _NAIVE_BWD_MAX_T else None,
+                skip={} if t <= _NAIVE_BWD_MAX_T else {"bwd": f"memory: OOM-killed above T={_NAIVE_BWD_MAX_T}"},
             )
         if t <= _PLAIN_CAUSAL_MAX_T:
+            # a Python loop of T state updates: its backward measured 16x slower for 4x T
+            # (0.44 s at T=1024, 7.2 s at 4096), so its work is counted as T^2
             case.impls["torch_plain"] = Impl(lambda q=q, k=k, v=v: _plain_linear(q, k, v),
-                                             _grad_of(_plain_linear, (q, k, v)))
-        case.impls["torch_sdpa_causal"] = Impl(lambda q=qh, k=kh, v=vh: sdpa(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+                                             _grad_of(_plain_linear, (q, k, v)), cost=float(b * h * t * t))
+        else:
+            case.impls["torch_plain"] = Impl(None, skip=_PLAIN_CAUSAL_SKIP)
+        case.impls["torch_sdpa_causal"] = Impl(lambda q=qh, k=kh, v=vh: sdpa(q, k, v), _grad_of(sdpa, (qh, kh, vh)),
+                                                cost=2.0 * b * h * t * t * d)
         cases.append(case)
     return cases
 
@@ -212,18 +231,23 @@ def flow_cases(ts=(1024, 4096, 16384), b=1, h=8, d=64, dtype=torch.float32) -> l
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
             flops = b * h * t * (4 * d * d + (LF_CHUNK * 2 * d if causal else 0))
-            case = Case("flow", f"B{b} H{h} T{t} D{d}{' causal' if causal else ''}", flops, 2.5)
+            case = Case("flow", f"B{b} H{h} T{t} D{d}{' causal' if causal else ''}", flops, 2.5,
+                        series=f"flow causal={causal}")
             case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v, f=ours: f(q, k, v), _grad_of(ours, (q, k, v)))
             if not causal or t <= _PLAIN_CAUSAL_MAX_T:
                 case.impls["torch_plain"] = Impl(lambda q=q, k=k, v=v, f=plain: f(q, k, v), _grad_of(plain, (q, k, v)))
-            case.impls["torch_sdpa"] = Impl(lambda q=qh, k=kh, v=vh, f=sdpa: f(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+            else:
+                case.impls["torch_plain"] = Impl(None, skip=_PLAIN_CAUSAL_SKIP)
+            case.impls["torch_sdpa"] = Impl(lambda q=qh, k=kh, v=vh, f=sdpa: f(q, k, v), _grad_of(sdpa, (qh, kh, vh)),
+                                            cost=(2.0 if causal else 4.0) * b * h * t * t * d)
             cases.append(case)
     return cases
 
 
 # --- neighborhood attention ----------------------------------------------------------------
 
-# (batch, spatial, heads, head_dim, kernel_size, dilation): the shapes issue 3 tracks.
+# (batch, spatial, heads, head_dim, kernel_size, dilation): the neighborhood table's shapes
+# (1-D long window, 2-D small and large windows, dilated 2-D, small 3-D).
 NA_SHAPES = [
     (1, (4096,), 4, 64, 63, 1),
     (1, (56, 56), 4, 32, 7, 1),
@@ -277,15 +301,24 @@ def neighborhood_cases(shapes=None, dtype=torch.float32) -> list[Case]:
         name = "x".join(map(str, spatial))
         shape = f"B{b} H{h} {name} D{d} k{ks}" + (f" d{dil}" if dil > 1 else "")
         case = Case(f"na{len(spatial)}d", shape, 4.0 * b * h * n * ks ** len(spatial) * d, 2.5)
+        dense = 4.0 * b * h * n * n * d  # the peers that score every (query, key) pair
         case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v, f=ours: f(q, k, v), _grad_of(ours, (q, k, v)))
+        no_bwd = {"bwd": "no CPU backward"}
         if n <= _NA_DENSE_MAX_N:
-            case.impls["natten"] = Impl(_natten_forward(q, k, v, ks, dil))
+            case.impls["natten"] = Impl(_natten_forward(q, k, v, ks, dil), cost=dense, skip=no_bwd)
             case.impls["reference"] = Impl(
                 lambda q=q, k=k, v=v, f=ref: f(q, k, v),
                 _grad_of(ref, (q, k, v)) if n <= _NA_REF_BWD_MAX_N else None,
+                cost=dense,
+                skip={} if n <= _NA_REF_BWD_MAX_N else {"bwd": f"memory: N x N graph above N={_NA_REF_BWD_MAX_N}"},
             )
-        case.impls["flex_compiled"] = Impl(_flex_forward(qh, kh, vh, mask, spatial, ks, dil))
-        case.impls["torch_sdpa_mask"] = Impl(lambda q=qh, k=kh, v=vh, f=sdpa: f(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+        else:
+            too_big = {d: f"memory: N x N scores above N={_NA_DENSE_MAX_N}" for d in ("fwd", "bwd")}
+            case.impls["natten"] = Impl(None, skip=too_big)
+            case.impls["reference"] = Impl(None, skip=too_big)
+        case.impls["flex_compiled"] = Impl(_flex_forward(qh, kh, vh, mask, spatial, ks, dil), skip=no_bwd)
+        case.impls["torch_sdpa_mask"] = Impl(lambda q=qh, k=kh, v=vh, f=sdpa: f(q, k, v), _grad_of(sdpa, (qh, kh, vh)),
+                                             cost=dense)
         cases.append(case)
     return cases
 
