@@ -18,15 +18,19 @@ from torch import Tensor
 
 from . import _checks
 from ._native import lib, num_threads
-from ._torch import acc_dtype, buf, check_tensors, dtype_name, no_cuda_kernel
+from ._torch import acc_dtype, buf, check_tensors, direct, dtype_name, no_cuda_kernel
 
 __all__ = ["attention", "AttentionFunction"]
 
 
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=(), device_types="cpu")
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool) -> tuple[Tensor, Tensor]:
+    return _forward_cpu(q, k, v, scale, is_causal, _checks.attention_dims(q.shape, k.shape, v.shape))
+
+
+def _forward_cpu(q, k, v, scale, is_causal, dims) -> tuple[Tensor, Tensor]:
+    """The CPU kernel on validated inputs (``dims`` from :func:`_checks.attention_dims`)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    dims = _checks.attention_dims(q.shape, k.shape, v.shape)
     b, tq, _, hq, _, _, dv = dims
     out = q.new_empty((b, tq, hq, dv))
     lse = q.new_empty((b, tq, hq), dtype=acc_dtype(q.dtype))
@@ -88,11 +92,12 @@ def _backward(ctx, dout, _dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _prepare(q, k, v, is_causal, scale) -> float:
+def _prepare(q, k, v, is_causal, scale):
+    """Validates the call; returns ``(scale, dims)``."""
     check_tensors(q=q, k=k, v=v)
     _checks.check_bool("is_causal", is_causal)
-    _checks.attention_dims(q.shape, k.shape, v.shape)
-    return _checks.check_scale(scale, q.shape[-1] ** -0.5 if q.shape[-1] else 1.0)
+    dims = _checks.attention_dims(q.shape, k.shape, v.shape)
+    return _checks.check_scale(scale, q.shape[-1] ** -0.5 if q.shape[-1] else 1.0), dims
 
 
 def attention(
@@ -117,8 +122,11 @@ def attention(
     float32/float64/bfloat16/float16 (one dtype for all three); half types accumulate in
     float32. Non-contiguous inputs are copied. Differentiable in q, k, v.
     """
-    scale = _prepare(q, k, v, is_causal, scale)
-    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal)
+    scale, dims = _prepare(q, k, v, is_causal, scale)
+    if direct(q, k, v):
+        out, lse = _forward_cpu(q, k, v, scale, is_causal, dims)
+    else:
+        out, lse = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal)
     return (out, lse) if return_lse else out
 
 
@@ -128,7 +136,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, is_causal=False, scale=None):
-        scale = _prepare(q, k, v, is_causal, scale)
+        scale, _ = _prepare(q, k, v, is_causal, scale)
         out, lse = torch.ops.fastattn.attention_fwd(q, k, v, scale, is_causal)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.is_causal = scale, is_causal

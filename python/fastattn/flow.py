@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _checks
 from ._native import lib, num_threads
-from ._torch import buf, check_tensors, dtype_name, no_cuda_kernel
+from ._torch import buf, check_tensors, direct, dtype_name, no_cuda_kernel
 
 __all__ = ["flow_attention", "FlowAttentionFunction"]
 
@@ -55,8 +55,12 @@ def _check_eps(eps) -> float:
 
 @torch.library.custom_op("fastattn::flow_attention_fwd", mutates_args=(), device_types="cpu")
 def flow_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, eps: float) -> Tensor:
+    return _forward_cpu(q, k, v, causal, eps, flow_dims(q.shape, k.shape, v.shape, causal))
+
+
+def _forward_cpu(q, k, v, causal, eps, dims) -> Tensor:
+    """The CPU kernel on validated inputs (``dims`` from :func:`flow_dims`)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    dims = flow_dims(q.shape, k.shape, v.shape, causal)
     b, n, _, h, _, dv = dims
     out = q.new_empty((b, n, h, dv))
     lib.flow_attention_forward(dtype_name(q.dtype), dims, causal, eps, num_threads(), buf(q), buf(k), buf(v), buf(out))
@@ -108,11 +112,12 @@ def _backward(ctx, dout):
 flow_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _prepare(q, k, v, causal, eps) -> float:
+def _prepare(q, k, v, causal, eps):
+    """Validates the call; returns ``(eps, dims)``."""
     check_tensors(q=q, k=k, v=v)
     _checks.check_bool("causal", causal)
-    flow_dims(q.shape, k.shape, v.shape, causal)
-    return _check_eps(eps)
+    dims = flow_dims(q.shape, k.shape, v.shape, causal)
+    return _check_eps(eps), dims
 
 
 def flow_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, eps: float = 1e-6) -> Tensor:
@@ -127,7 +132,9 @@ def flow_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, eps: f
     Returns ``[B, Tq, H, Dv]`` in the inputs' dtype (float32/float64/bfloat16/float16; half
     types accumulate in float32). Differentiable in q, k, v.
     """
-    eps = _prepare(q, k, v, causal, eps)
+    eps, dims = _prepare(q, k, v, causal, eps)
+    if direct(q, k, v):
+        return _forward_cpu(q, k, v, causal, eps, dims)
     return torch.ops.fastattn.flow_attention_fwd(q, k, v, causal, eps)
 
 
@@ -137,7 +144,7 @@ class FlowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal=False, eps=1e-6):
-        eps = _prepare(q, k, v, causal, eps)
+        eps, _ = _prepare(q, k, v, causal, eps)
         ctx.save_for_backward(q, k, v)
         ctx.causal, ctx.eps = causal, eps
         return torch.ops.fastattn.flow_attention_fwd(q, k, v, causal, eps)

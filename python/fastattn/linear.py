@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import _checks
 from ._native import lib, num_threads
-from ._torch import acc_dtype, buf, check_tensors, dtype_name, no_cuda_kernel
+from ._torch import acc_dtype, buf, check_tensors, direct, dtype_name, no_cuda_kernel
 
 __all__ = ["linear_attention", "LinearAttentionFunction", "FEATURE_MAPS"]
 
@@ -77,6 +77,11 @@ def linear_attention_fwd(
     causal: bool,
     feature_map: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward_cpu(q, k, v, initial_kv, initial_z, cu_seqlens, scale, normalize, causal, feature_map)
+
+
+def _forward_cpu(q, k, v, initial_kv, initial_z, cu_seqlens, scale, normalize, causal, feature_map):
+    """The CPU kernel; shapes as the public function validates them."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     acc = acc_dtype(q.dtype)
     if initial_kv is not None:
@@ -309,7 +314,11 @@ def linear_attention(
     scale, kv0, z0, cu_seqlens, feature_map = _prepare(
         q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, causal, feature_map
     )
-    o, kv, z = torch.ops.fastattn.linear_attention_fwd(q, k, v, kv0, z0, cu_seqlens, scale, normalize, causal, feature_map)
+    if direct(q, k, v, kv0, z0):
+        o, kv, z = _forward_cpu(q, k, v, kv0, z0, cu_seqlens, scale, normalize, causal, feature_map)
+    else:
+        o, kv, z = torch.ops.fastattn.linear_attention_fwd(q, k, v, kv0, z0, cu_seqlens, scale, normalize, causal,
+                                                           feature_map)
     if not causal:
         return o, None
     kv = kv if output_final_state else None

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _checks
 from ._native import lib, num_threads
-from ._torch import acc_dtype, buf, check_tensors, dtype_name, no_cuda_kernel
+from ._torch import NO_BUF, acc_dtype, buf, check_tensors, direct, dtype_name, no_cuda_kernel
 
 __all__ = ["na1d", "na2d", "na3d", "neighborhood_attention", "NeighborhoodAttentionFunction"]
 
@@ -36,6 +36,18 @@ def _params(kernel_size, stride, dilation, is_causal, scale):
     return (list(kernel_size), list(stride), list(dilation), list(is_causal), float(scale))
 
 
+def _forward_cpu(q, k, v, ak, av, dims, window) -> tuple[Tensor, Tensor]:
+    """The CPU kernel on validated inputs (``dims`` from :func:`_checks.na_dims`)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    ak = NO_BUF if ak is None else buf(ak.contiguous())
+    av = NO_BUF if av is None else buf(av.contiguous())
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))
+    lib.na_forward(dtype_name(q.dtype), dims, window, num_threads(),
+                   buf(q), buf(k), buf(v), ak, av, buf(out), buf(lse))
+    return out, lse
+
+
 @torch.library.custom_op("fastattn::na_fwd", mutates_args=(), device_types="cpu")
 def na_fwd(
     q: Tensor,
@@ -49,16 +61,10 @@ def na_fwd(
     is_causal: list[bool],
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    ak, av = _extra(additional_keys, k, k.shape[-1]), _extra(additional_values, v, v.shape[-1])
-    dims = _checks.na_dims(q.shape, k.shape, v.shape, ak.shape, av.shape)
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))
-    lib.na_forward(
-        dtype_name(q.dtype), dims, _params(kernel_size, stride, dilation, is_causal, scale), num_threads(),
-        buf(q), buf(k), buf(v), buf(ak), buf(av), buf(out), buf(lse),
-    )
-    return out, lse
+    ak, av = additional_keys, additional_values
+    dims = _checks.na_dims(q.shape, k.shape, v.shape, None if ak is None else ak.shape,
+                           None if av is None else av.shape)
+    return _forward_cpu(q, k, v, ak, av, dims, (kernel_size, stride, dilation, is_causal, scale))
 
 
 @na_fwd.register_fake
@@ -130,12 +136,12 @@ na_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _prepare(query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
              additional_values, rank=None):
-    """Validates everything in Python (naming the argument) and returns the op's window
-    arguments ``(kernel_size, stride, dilation, is_causal, scale)`` as lists and a float."""
+    """Validates everything in Python (naming the argument) and returns the kernel's dims and
+    the op's window arguments ``(kernel_size, stride, dilation, is_causal, scale)`` as lists
+    and a float."""
     named = _checks.na_inputs(query, key, value, additional_keys, additional_values)
     check_tensors(**named)
-    _, window = _checks.na_call(named, kernel_size, stride, dilation, is_causal, scale, rank)
-    return window
+    return _checks.na_call(named, kernel_size, stride, dilation, is_causal, scale, rank)
 
 
 def neighborhood_attention(
@@ -172,9 +178,12 @@ def neighborhood_attention(
     float32/float64/bfloat16/float16 (one dtype for all); half types accumulate in float32.
     Differentiable in query, key, value and the additional keys/values.
     """
-    window = _prepare(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                      additional_keys, additional_values, _rank)
-    out, lse = torch.ops.fastattn.na_fwd(query, key, value, additional_keys, additional_values, *window)
+    dims, window = _prepare(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                            additional_keys, additional_values, _rank)
+    if direct(query, key, value, additional_keys, additional_values):
+        out, lse = _forward_cpu(query, key, value, additional_keys, additional_values, dims, window)
+    else:
+        out, lse = torch.ops.fastattn.na_fwd(query, key, value, additional_keys, additional_values, *window)
     return (out, lse) if return_lse else out
 
 
@@ -206,8 +215,8 @@ class NeighborhoodAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                 additional_keys=None, additional_values=None):
-        window = _prepare(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                          additional_keys, additional_values)
+        _, window = _prepare(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                             additional_keys, additional_values)
         out, lse = torch.ops.fastattn.na_fwd(query, key, value, additional_keys, additional_values, *window)
         ctx.save_for_backward(query, key, value, additional_keys, additional_values, out, lse)
         ctx.window = window
