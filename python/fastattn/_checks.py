@@ -37,7 +37,7 @@ def check_scale(scale, default: float) -> float:
 
 
 def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
+    if value is not True and value is not False:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
 
@@ -143,10 +143,12 @@ def na_dims(q_shape, k_shape, v_shape, ak_shape=None, av_shape=None, rank=None):
     if (ak_shape is None) != (av_shape is None):
         raise ValueError("additional_keys and additional_values must be given together")
     if ak_shape is not None:
-        for name, shape, hd in (("additional_keys", ak_shape, d), ("additional_values", av_shape, dv)):
+        for name, shape, hd, like in (("additional_keys", ak_shape, d, "key"),
+                                      ("additional_values", av_shape, dv, "value")):
             if len(shape) != 4 or shape[0] != b or shape[2] != hkv or shape[3] != hd:
                 raise ValueError(
-                    f"{name} must be [batch, n, kv_heads, head_dim] = [{b}, n, {hkv}, {hd}], got {tuple(shape)}"
+                    f"{name} must be [batch, n, kv_heads, head_dim] = [{b}, n, {hkv}, {hd}] to match {like}, "
+                    f"got {tuple(shape)}"
                 )
         if ak_shape[1] != av_shape[1]:
             raise ValueError(

@@ -123,6 +123,7 @@ def attention(
     float32. Non-contiguous inputs are copied. Differentiable in q, k, v.
     """
     scale, dims = _prepare(q, k, v, is_causal, scale)
+    _checks.check_bool("return_lse", return_lse)
     if direct(q, k, v):
         out, lse = _forward_cpu(q, k, v, scale, is_causal, dims)
     else:

@@ -243,7 +243,13 @@ def _check_state(name: str, s, shape: tuple, q: Tensor) -> Optional[Tensor]:
     return s.to(acc_dtype(q.dtype))
 
 
-def _prepare(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, causal, feature_map):
+_STATE_NAMES = ("initial_state", "initial_state[0] (kv)", "initial_state[1] (z)")
+
+
+def _prepare(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, causal, feature_map,
+             state_names=_STATE_NAMES):
+    """Validates the call; returns ``(scale, kv0, z0, cu_seqlens, feature_map)``. ``state_names``:
+    what the messages call the kv state alone, the kv of a pair and the z of a pair."""
     check_tensors(q=q, k=k, v=v)
     layout = "[batch, seqlen, heads, head_dim]"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -275,8 +281,8 @@ def _prepare(q, k, v, scale, initial_state, output_final_state, normalize, cu_se
     n = _n_seqs(q, cu_seqlens)
     b, t, h, kd = q.shape
     vd = v.shape[-1]
-    kv0 = _check_state("initial_state" if z0 is None else "initial_state[0] (kv)", kv0, (n, h, kd, vd), q)
-    z0 = _check_state("initial_state[1] (z)", z0, (n, 1, h, kd), q)
+    kv0 = _check_state(state_names[0] if z0 is None else state_names[1], kv0, (n, h, kd, vd), q)
+    z0 = _check_state(state_names[2], z0, (n, 1, h, kd), q)
     return scale, kv0, z0, cu_seqlens, feature_map
 
 
@@ -341,7 +347,8 @@ class LinearAttentionFunction(torch.autograd.Function):
         )
         if not normalize and initial_z is not None:
             raise ValueError("initial_z needs normalize=True")
-        scale, kv0, z0, cu, fm = _prepare(q, k, v, scale, state, False, normalize, cu_seqlens, causal, feature_map)
+        scale, kv0, z0, cu, fm = _prepare(q, k, v, scale, state, False, normalize, cu_seqlens, causal, feature_map,
+                                          ("initial_kv", "initial_kv", "initial_z"))
         o, kv, z = torch.ops.fastattn.linear_attention_fwd(q, k, v, kv0, z0, cu, scale, normalize, causal, fm)
         ctx.save_for_backward(q, k, v, kv0, z0, cu)
         ctx.opts = (scale, normalize, causal, fm)

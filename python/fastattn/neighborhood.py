@@ -180,6 +180,7 @@ def neighborhood_attention(
     """
     dims, window = _prepare(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                             additional_keys, additional_values, _rank)
+    _checks.check_bool("return_lse", return_lse)
     if direct(query, key, value, additional_keys, additional_values):
         out, lse = _forward_cpu(query, key, value, additional_keys, additional_values, dims, window)
     else:

@@ -29,14 +29,35 @@ __all__ = [
 ]
 
 
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _input(module: nn.Module, name: str, x, layout: str, channels: int) -> None:
+    """A module's input: a floating tensor of the layout's rank with ``channels`` last."""
+    rank = layout.count(",") + 1
+    who = type(module).__name__
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: {name} has dtype {x.dtype}; expected a floating dtype")
+    if x.dim() != rank:
+        raise ValueError(f"{who}: {name} must be {layout} (rank {rank}), got shape {tuple(x.shape)}")
+    if x.shape[-1] != channels:
+        raise ValueError(f"{who}: {name} has {x.shape[-1]} channels but the layer takes {channels}")
+
+
 class _FlowBase(nn.Module):
     causal = False
 
     def __init__(self, d_input, d_model, d_output, n_heads, drop_out=0.05, eps=1e-6):
         super().__init__()
+        _positive("n_heads", n_heads)
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be a multiple of n_heads ({n_heads})")
-        self.n_heads = n_heads
+        self.n_heads, self.d_input = n_heads, d_input
         self.query_projection = nn.Linear(d_input, d_model)
         self.key_projection = nn.Linear(d_input, d_model)
         self.value_projection = nn.Linear(d_input, d_model)
@@ -47,8 +68,15 @@ class _FlowBase(nn.Module):
     def forward(self, queries, keys, values):
         """``queries`` ``[B, L, d_input]``, ``keys``/``values`` ``[B, S, d_input]`` (not yet
         projected) → ``[B, L, d_output]``."""
+        for name, x in (("queries", queries), ("keys", keys), ("values", values)):
+            _input(self, name, x, "[B, L or S, d_input]", self.d_input)
         b, l, _ = queries.shape
         s = keys.shape[1]
+        if keys.shape[0] != b or values.shape[0] != b:
+            raise ValueError(f"keys and values must have the batch size of queries ({b}), got "
+                             f"{keys.shape[0]} and {values.shape[0]}")
+        if values.shape[1] != s:
+            raise ValueError(f"values must have as many tokens as keys ({s}), got {values.shape[1]}")
         q = self.query_projection(queries).view(b, l, self.n_heads, -1)
         k = self.key_projection(keys).view(b, s, self.n_heads, -1)
         v = self.value_projection(values).view(b, s, self.n_heads, -1)
@@ -108,6 +136,7 @@ class LinearAttention(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        _positive("n_heads", n_heads)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {', '.join(map(repr, FEATURE_MAPS))}, got {feature_map!r}")
         if head_dim is None:
@@ -116,7 +145,7 @@ class LinearAttention(nn.Module):
             head_dim = d_model // n_heads
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         d_output = d_model if d_output is None else d_output
-        self.n_heads, self.head_dim, self.v_head_dim = n_heads, head_dim, v_head_dim
+        self.d_model, self.n_heads, self.head_dim, self.v_head_dim = d_model, n_heads, head_dim, v_head_dim
         self.feature_map, self.causal, self.normalize, self.scale = feature_map, causal, normalize, scale
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
@@ -125,6 +154,7 @@ class LinearAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, initial_state=None, output_final_state: bool = False, cu_seqlens=None):
+        _input(self, "x", x, "[B, T, d_model]", self.d_model)
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_heads, self.head_dim)
@@ -175,11 +205,8 @@ class _NeighborhoodAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, *spatial, embed_dim]`` → same shape."""
         r = self.na_dim
-        if x.dim() != r + 2:
-            raise ValueError(f"{type(self).__name__} expects x of rank {r + 2} [B, {r} spatial dims, C], got {x.dim()}")
+        _input(self, "x", x, "[B, " + ", ".join(["spatial"] * r) + ", embed_dim]", self.embed_dim)
         b, *spatial, c = x.shape
-        if c != self.embed_dim:
-            raise ValueError(f"x has {c} channels but embed_dim is {self.embed_dim}")
         qkv = self.qkv(x).reshape(b, *spatial, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=r + 1)
         y = neighborhood_attention(
