@@ -1,4 +1,4 @@
-"""Flow-Attention (SPEC §4): outputs and gradients against a plain-PyTorch oracle
+"""Flow-Attention (docs/flow.md): outputs and gradients against a plain-PyTorch oracle
 (``fastattn.reference.flow``), at every SIMD level; half
 types; gradcheck; Flowformer module parity."""
 

@@ -1,4 +1,4 @@
-"""Linear attention (SPEC §5): outputs, final states and gradients against a plain-PyTorch
+"""Linear attention (docs/linear.md): outputs, final states and gradients against a plain-PyTorch
 oracle (``fastattn.reference.linear``) at every SIMD level, fla's naive
 reference, split-and-resume, half types and gradcheck."""
 

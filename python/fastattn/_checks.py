@@ -90,7 +90,7 @@ def _per_dim(name, value, rank, kind=int):
 def na_arguments(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False):
     """Normalises neighborhood-attention window arguments to per-dimension tuples
     ``(kernel_size, stride, dilation, is_causal)``; raises ValueError, naming the argument,
-    for what NATTEN rejects (SPEC §1)."""
+    for what NATTEN rejects (docs/neighborhood.md)."""
     rank = len(spatial_shape)
     ks = _per_dim("kernel_size", kernel_size, rank)
     ss = _per_dim("stride", stride, rank)

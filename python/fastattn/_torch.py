@@ -51,7 +51,7 @@ def direct(*tensors) -> bool:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and log-sum-exp) dtype for a storage dtype (SPEC §0)."""
+    """Accumulation (and log-sum-exp) dtype for a storage dtype (docs/conventions.md)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

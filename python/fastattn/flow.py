@@ -1,4 +1,4 @@
-"""Flow-Attention (Flowformer, SPEC §4): ``flow_attention(q, k, v, causal=False, eps=1e-6)``.
+"""Flow-Attention (Flowformer, docs/flow.md): ``flow_attention(q, k, v, causal=False, eps=1e-6)``.
 
 Heads-last ``[B, T, H, D]``; ``φ = sigmoid`` is applied inside (pass the projected, not yet
 mapped, queries and keys, as Flowformer's modules do); no softmax scale. Non-causal allows
@@ -121,7 +121,7 @@ def _prepare(q, k, v, causal, eps):
 
 
 def flow_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, eps: float = 1e-6) -> Tensor:
-    """Flow-Attention over heads-last tensors (SPEC §4).
+    """Flow-Attention over heads-last tensors (docs/flow.md).
 
     Args:
         q: ``[B, Tq, H, D]`` (before the sigmoid feature map, which is applied inside).

@@ -1,4 +1,4 @@
-"""Linear attention with flash-linear-attention semantics (SPEC §5), plus non-causal mode and
+"""Linear attention with flash-linear-attention semantics (docs/linear.md), plus non-causal mode and
 built-in feature maps.
 
 ``linear_attention(q, k, v, scale=None, initial_state=None, output_final_state=False,

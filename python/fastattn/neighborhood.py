@@ -1,4 +1,4 @@
-"""Neighborhood attention with NATTEN 0.21 semantics (SPEC §1), 1-D to 3-D.
+"""Neighborhood attention with NATTEN 0.21 semantics (docs/neighborhood.md), 1-D to 3-D.
 
 ``na1d`` / ``na2d`` / ``na3d`` / ``neighborhood_attention(query, key, value, kernel_size,
 stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
@@ -165,7 +165,7 @@ def neighborhood_attention(
         query: ``[B, *spatial, H, D]`` with 1-3 spatial dims.
         key: ``[B, *spatial, H_kv, D]``, ``H % H_kv == 0`` (GQA/MQA).
         value: ``[B, *spatial, H_kv, Dv]``.
-        kernel_size, stride, dilation: an int, or one per spatial dim (SPEC §1:
+        kernel_size, stride, dilation: an int, or one per spatial dim (docs/neighborhood.md:
             ``kernel_size >= 2``, ``1 <= stride <= kernel_size``, ``kernel_size * dilation``
             at most the input size).
         is_causal: a bool, or one per spatial dim.

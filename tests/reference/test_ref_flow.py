@@ -1,4 +1,4 @@
-"""The flow-attention reference against an explicit per-position loop written from SPEC §4,
+"""The flow-attention reference against an explicit per-position loop written from docs/flow.md,
 its causality, and the Flowformer-shaped modules."""
 
 import math
@@ -16,7 +16,7 @@ def _sig(x):
 
 
 def _loop_flow(q, k, v, causal):
-    """SPEC §4 with python loops over positions, one (batch, head) at a time."""
+    """docs/flow.md with python loops over positions, one (batch, head) at a time."""
     b, n, h, d = q.shape
     m = k.shape[1]
     out = torch.zeros(b, n, h, v.shape[-1], dtype=torch.float64)

@@ -36,7 +36,7 @@ def test_window_size_one_is_plain_mhsa():
 
 
 def _loop_hilo(m, x, H, W):
-    """Token-by-token HiLo from SPEC §2, with explicit padding, windows and pooling."""
+    """Token-by-token HiLo from docs/hilo.md, with explicit padding, windows and pooling."""
     b, _, c = x.shape
     ws, hd = m.ws, m.head_dim
     hp, wp = -(-H // ws) * ws, -(-W // ws) * ws

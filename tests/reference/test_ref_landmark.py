@@ -1,4 +1,4 @@
-"""The landmark-attention reference against an explicit per-query loop from SPEC §3, its
+"""The landmark-attention reference against an explicit per-query loop from docs/landmark.md, its
 structural properties, and retrieval vs the training form."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The neighborhood-attention reference: SPEC's worked windows, window invariants, NATTEN's
+"""The neighborhood-attention reference: docs/neighborhood.md's worked windows, window invariants, NATTEN's
 own CPU forward, and its argument errors."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Plain PyTorch oracles of every fastattn op, written from ``shared/SPEC.md``'s math for
+"""Plain PyTorch oracles of every fastattn op, written from the math of the project's ``docs/`` for
 clarity, not speed. They work in the inputs' dtype (so float64 is exact enough to check the
 kernels) and are differentiable with autograd."""
 

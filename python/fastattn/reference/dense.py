@@ -1,4 +1,4 @@
-"""Dense softmax attention, written plainly from the math (SPEC §0): the oracle for
+"""Dense softmax attention, written plainly from the math (docs/attention.md): the oracle for
 :func:`fastattn.attention`. Materialises the full score matrix; differentiable."""
 
 from __future__ import annotations

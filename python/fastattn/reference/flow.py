@@ -1,4 +1,4 @@
-"""Flowformer's Flow-Attention (SPEC §4), written plainly: the oracle for
+"""Flowformer's Flow-Attention (docs/flow.md), written plainly: the oracle for
 :func:`fastattn.flow_attention` and the modules :class:`fastattn.nn.FlowAttention` /
 :class:`~fastattn.nn.FlowAttentionCausal`. The causal form materialises the ``[B, H, T, D, Dv]``
 prefix sum exactly as the original does (it is an oracle, not a kernel)."""

@@ -1,4 +1,4 @@
-"""HiLo attention (LITv2, SPEC §2), written plainly: the oracle for fastattn's HiLo module.
+"""HiLo attention (LITv2, docs/hilo.md), written plainly: the oracle for fastattn's HiLo module.
 Parameter names and shapes are LITv2's, so a LITv2 state_dict loads."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Landmark attention (Mohtashami & Jaggi, SPEC §3), written plainly: the grouped softmax of
+"""Landmark attention (Mohtashami & Jaggi, docs/landmark.md), written plainly: the grouped softmax of
 the training form, and top-k block retrieval for inference. Oracles for fastattn's landmark
 kernels. Layout ``[B, T, H, D]``."""
 

@@ -1,4 +1,4 @@
-"""Linear attention with flash-linear-attention semantics (SPEC §5), written plainly: the
+"""Linear attention with flash-linear-attention semantics (docs/linear.md), written plainly: the
 oracle for :func:`fastattn.linear_attention`. Causal outputs come from an explicit running
 sum over time (one state update per token), per ``cu_seqlens`` segment."""
 

@@ -1,4 +1,4 @@
-"""Neighborhood attention with NATTEN 0.21 semantics (SPEC §1), written plainly: it builds
+"""Neighborhood attention with NATTEN 0.21 semantics (docs/neighborhood.md), written plainly: it builds
 the full ``[N, N]`` neighbourhood mask and runs masked softmax attention. The oracle for
 fastattn's neighborhood kernels."""
 
@@ -10,7 +10,7 @@ from .._checks import na_arguments as check_arguments
 
 
 def na_window(i, length, kernel_size, stride=1, dilation=1, is_causal=False):
-    """The key indices query ``i`` sees on one dimension of ``length`` (SPEC §1)."""
+    """The key indices query ``i`` sees on one dimension of ``length`` (docs/neighborhood.md)."""
     k, s, d = kernel_size, stride, dilation
     g, ii = i % d, i // d
     n = (length - g + d - 1) // d  # length of dilation group g

@@ -1,4 +1,4 @@
-//! fp32 dense attention timings (forward, backward) for the shapes the issue tracks.
+//! fp32 dense attention timings (forward, backward) for the benchmark table's shapes.
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release -p fastattn-kernels --example bench_attention [T...]
 //! [fwd|bwd] [bf16|f16]` (default: fp32, both passes, T = 512 2048 8192).

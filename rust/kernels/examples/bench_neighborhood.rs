@@ -1,4 +1,4 @@
-//! fp32 neighborhood-attention timings for the shapes the issue tracks.
+//! fp32 neighborhood-attention timings for the benchmark table's shapes and a few more.
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release -p fastattn-kernels --example bench_neighborhood`
 //! Prints the best of several runs. Useful FLOPs of a forward: `4·B·H·N·prod(k)·D`; the

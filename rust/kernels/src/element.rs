@@ -1,6 +1,6 @@
 //! Storage types the kernels accept, and the accumulation type each computes in.
 //!
-//! fp32, bf16 and fp16 all accumulate in f32 (SPEC §0); f64 accumulates in f64. Kernels
+//! fp32, bf16 and fp16 all accumulate in f32 (docs/conventions.md); f64 accumulates in f64. Kernels
 //! convert to the accumulation type while packing tiles, so the hot loops only ever see
 //! `Acc`.
 

@@ -1,6 +1,6 @@
 //! fastattn's CPU kernels, free of any Python types so `cargo test` covers them directly.
 //!
-//! Layout conventions follow `shared/SPEC.md`: heads-last, contiguous `[B, T, H, D]`.
+//! Layout conventions follow the project's `docs/conventions.md`: heads-last, contiguous `[B, T, H, D]`.
 //! Kernels never panic on bad sizes: every public entry point checks slice lengths against
 //! the dimensions it is given and returns a [`KernelError`].
 //!

@@ -1,4 +1,4 @@
-//! Neighborhood attention against a float64 reference that materialises the mask (the SPEC §1
+//! Neighborhood attention against a float64 reference that materialises the mask (the docs/neighborhood.md
 //! window restated independently here), at every SIMD level this CPU offers.
 
 #![allow(clippy::needless_range_loop)]
@@ -30,7 +30,7 @@ impl Rng {
     }
 }
 
-/// SPEC §1, written out literally (real coordinates in, real key coordinates out).
+/// docs/neighborhood.md's window, written out literally (real coordinates in, real key coordinates out).
 fn ref_keys(i: usize, l: usize, k: usize, s: usize, d: usize, causal: bool) -> Vec<usize> {
     let (k, s, d, l) = (k as i64, s as i64, d as i64, l as i64);
     let i = i as i64;

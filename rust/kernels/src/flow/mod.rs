@@ -1,4 +1,4 @@
-//! Flow-Attention (Flowformer, SPEC §4), forward and backward.
+//! Flow-Attention (Flowformer, docs/flow.md), forward and backward.
 //!
 //! Per head, `φ = sigmoid`: a per-row scalar preparation (flows `I`, `O`, conserved
 //! `Ih`, `Oh`, allocation `A`, competition `C`, all from sums over the sequence, or prefix

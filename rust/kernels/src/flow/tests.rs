@@ -16,7 +16,7 @@ fn sig(x: f64) -> f64 {
 }
 
 #[allow(clippy::needless_range_loop)]
-/// Direct float64 transcription of SPEC §4 (quadratic where it is simplest).
+/// Direct float64 transcription of docs/flow.md (quadratic where it is simplest).
 fn naive(d: &FlowDims, causal: bool, eps: f64, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
     let (h, dk, dv, n, m) = (d.heads, d.head_dim, d.v_head_dim, d.q_len, d.kv_len);
     let mut out = vec![0.0; d.batch * n * h * dv];

@@ -1,4 +1,4 @@
-//! Linear attention with flash-linear-attention semantics (SPEC §5), forward and backward.
+//! Linear attention with flash-linear-attention semantics (docs/linear.md), forward and backward.
 //!
 //! Per sequence and head, with `φ` the feature map and `s` the scale:
 //! `o_t = s φ(q_t) · (S0 + Σ_{j≤t} φ(k_j) v_jᵀ)`, and with `normalize` divided by

@@ -1,4 +1,4 @@
-//! Neighborhood attention (NATTEN 0.21 semantics, `shared/SPEC.md` §1), forward and backward,
+//! Neighborhood attention (NATTEN 0.21 semantics, `docs/neighborhood.md`), forward and backward,
 //! over 1–3 spatial dimensions, with GQA, `Dv ≠ D` and additional (unmasked) keys/values.
 //!
 //! Fused and tiled: each task takes a small block of neighbouring queries of one dilation
@@ -143,7 +143,7 @@ impl NaParams {
     }
 }
 
-/// The 1-D window of query `i` on a dimension of length `len` (SPEC §1), as a half-open range
+/// The 1-D window of query `i` on a dimension of length `len` (docs/neighborhood.md), as a half-open range
 /// `[start, end)` of indices *inside the query's dilation group* (key `j` of the group is
 /// position `j * dilation + i % dilation`).
 pub fn window(
