@@ -146,6 +146,7 @@ def _mutations(t: torch.Tensor):
     yield "batch + 1", torch.cat([t, t]), ValueError
     yield "last dim - 1", t[..., :-1], ValueError
     yield "second to last - 1", t[..., :-1, :] if t.shape[-2] > 1 else t[..., :0, :], ValueError
+    yield "last dim 0", t[..., :0], ValueError
 
 
 def _tensor_cases():
@@ -169,6 +170,8 @@ LEGAL = {(op, "v", "last dim - 1") for op in ("attention", "AttentionFunction", 
                                               "FlowAttentionFunction", "linear_attention",
                                               "LinearAttentionFunction")}
 LEGAL |= {(op, "value", "last dim - 1") for op in ("na3d", "neighborhood_attention")}
+# dense attention defines zero-width heads (empty or zero outputs); the other ops reject them
+LEGAL |= {(op, "v", "last dim 0") for op in ("attention", "AttentionFunction")}
 
 
 @pytest.mark.parametrize("op_name,arg,label,bad,err", list(_tensor_cases()))
@@ -400,3 +403,25 @@ def test_runtime_controls_reject_bad_values(monkeypatch):
         monkeypatch.setenv("FASTATTN_NUM_THREADS", bad)
         with pytest.raises(ValueError, match="FASTATTN_NUM_THREADS"):
             fastattn.attention(*_qkv().values())
+
+
+def test_a_kernel_panic_is_an_exception_and_prints_nothing():
+    """Even a bug (here a deliberate panic on a pool thread) reaches Python only as a
+    RuntimeError with its message and place: nothing on stderr, also with RUST_BACKTRACE."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import fastattn\n"
+        "from fastattn import _fastattn\n"
+        "try:\n"
+        "    _fastattn._panic_in_kernel_for_tests(2)\n"
+        "except RuntimeError as e:\n"
+        "    print('caught:', e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert res.returncode == 0, res.stderr
+    assert "caught:" in res.stdout and "deliberate test panic" in res.stdout and "(at " in res.stdout
+    assert "panicked" not in res.stderr and "backtrace" not in res.stderr, res.stderr

@@ -136,7 +136,7 @@ def na_dims(q_shape, k_shape, v_shape, ak_shape=None, av_shape=None, rank=None):
     if hv != hkv:
         raise ValueError(f"key and value head counts differ: key {hkv}, value {hv}")
     if d == 0 or dv == 0:
-        raise ValueError("head dims must be positive")
+        raise ValueError(f"head dims must be positive, got query/key {d}, value {dv}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a positive multiple of key/value heads ({hkv})")
     n_add = 0

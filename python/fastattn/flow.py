@@ -39,6 +39,8 @@ def flow_dims(q_shape, k_shape, v_shape, causal: bool) -> tuple[int, int, int, i
         raise ValueError(f"head counts differ: q {h}, k {hk}, v {hv}")
     if dk != d:
         raise ValueError(f"k head_dim {dk} differs from q head_dim {d}")
+    if d == 0 or dv == 0:
+        raise ValueError(f"head dims must be positive, got q/k {d}, v {dv}")
     if causal and n != m:
         raise ValueError(f"causal flow attention needs equal q and k sequence lengths, got q {n}, k {m}")
     return b, n, m, h, d, dv

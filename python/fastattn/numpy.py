@@ -110,7 +110,7 @@ def _linear_args(q, k, v, scale, initial_kv, initial_z, cu_seqlens, normalize, c
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must match q's first three dims {q.shape[:3]}, got {v.shape}")
     if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise ValueError("head dims must be positive")
+        raise ValueError(f"head dims must be positive, got q {q.shape[-1]}, v {v.shape[-1]}")
     _checks.check_bool("normalize", normalize)
     _checks.check_bool("causal", causal)
     fm = "identity" if feature_map is None else feature_map

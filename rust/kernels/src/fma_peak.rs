@@ -207,7 +207,8 @@ pub fn measure(seconds: f64, rounds: usize) -> Result<Peak, KernelError> {
     let probe = 20_000;
     let rate = run(probe)?;
     let per_round = (seconds / rounds.max(1) as f64).max(1e-3);
-    let iters = ((rate / threads as f64) * per_round / burst_flops(level, 1)).max(probe as f64) as u64;
+    let iters =
+        ((rate / threads as f64) * per_round / burst_flops(level, 1)).max(probe as f64) as u64;
     let mut best = 0f64;
     for _ in 0..rounds.max(1) {
         best = best.max(run(iters)?);
@@ -247,7 +248,10 @@ mod tests {
             for iters in [0u64, 1, 3, 7] {
                 let got = burst(level, iters, 1.5, 0.5, 0.25).unwrap() as f64;
                 let want = expected(level, iters, 1.5, 0.5, 0.25);
-                assert!((got - want).abs() <= 1e-4 * want.abs(), "{level:?} {iters}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs(),
+                    "{level:?} {iters}: {got} vs {want}"
+                );
             }
         }
     }

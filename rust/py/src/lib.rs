@@ -20,6 +20,7 @@ static ALLOC: fastattn_kernels::alloc::CacheLineAligned = fastattn_kernels::allo
 #[pymodule]
 fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fork::install().map_err(pyo3::exceptions::PyRuntimeError::new_err)?;
+    runtime::quiet_panics();
     runtime::register(m)?;
     attention::register(m)?;
     flow::register(m)?;

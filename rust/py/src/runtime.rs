@@ -34,6 +34,21 @@ fn pool(threads: usize) -> PyResult<Arc<rayon::ThreadPool>> {
     Ok(p)
 }
 
+/// Where the last kernel panic happened, for the error that reports it.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// A panic inside a kernel is a bug; [`run`] turns it into a RuntimeError that carries its
+/// message and place. This hook records the place and prints nothing: the default one would
+/// also write the message (and a backtrace under RUST_BACKTRACE) to the user's terminal.
+pub fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()));
+        *LAST_PANIC.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }));
+}
+
 /// Calls estimated below this many FLOPs run on the calling thread: handing work to the
 /// pool and waking its threads costs tens of microseconds, more than such a call computes
 /// (a decode step, T=1 attention).
@@ -87,8 +102,13 @@ where
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
+            let at = LAST_PANIC
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .map_or(String::new(), |at| format!(" (at {at})"));
             Err(PyRuntimeError::new_err(format!(
-                "fastattn kernel failed internally (please report): {msg}"
+                "fastattn kernel failed internally (please report): {msg}{at}"
             )))
         }
     }
@@ -133,7 +153,9 @@ fn release_buffers() {
 #[pyo3(signature = (threads, seconds=0.5))]
 fn measure_fma_peak(py: Python<'_>, threads: usize, seconds: f64) -> PyResult<(f64, &'static str)> {
     if !(seconds.is_finite() && seconds > 0.0) {
-        return Err(PyValueError::new_err(format!("seconds must be positive, got {seconds}")));
+        return Err(PyValueError::new_err(format!(
+            "seconds must be positive, got {seconds}"
+        )));
     }
     let mut peak = None;
     let slot = &mut peak;

@@ -471,6 +471,13 @@ impl<A: Acc> Scratch<A> {
 }
 
 fn check(d: &FlowDims, causal: bool) -> Result<(), KernelError> {
+    // As the Python layer: the chunked core assumes at least one column.
+    if d.head_dim == 0 || d.v_head_dim == 0 {
+        return Err(KernelError::Argument(format!(
+            "head_dim ({}) and v_head_dim ({}) must be positive",
+            d.head_dim, d.v_head_dim
+        )));
+    }
     if causal && d.q_len != d.kv_len {
         return Err(KernelError::Argument(format!(
             "causal flow attention needs q_len == kv_len, got {} and {}",

@@ -354,3 +354,31 @@ fn causal_backward_across_segments_matches_finite_differences() {
     });
     check_fd("causal", loss, [&q, &k, &v], [&dq, &dk, &dv], entries);
 }
+
+/// A zero-width head is an argument error in both directions, never a panic (the chunked
+/// core assumes a column).
+#[test]
+fn zero_width_heads_are_rejected() {
+    for (dk, dv) in [(0, 4), (4, 0)] {
+        let d = FlowDims {
+            batch: 1,
+            q_len: 5,
+            kv_len: 5,
+            heads: 2,
+            head_dim: dk,
+            v_head_dim: dv,
+        };
+        let (q, v) = (vec![0.5f32; 5 * 2 * dk], vec![0.5f32; 5 * 2 * dv]);
+        for causal in [false, true] {
+            let mut out = vec![0f32; 5 * 2 * dv];
+            let err = forward(&d, causal, 1e-6, &q, &q, &v, &mut out).unwrap_err();
+            assert!(matches!(err, crate::KernelError::Argument(_)), "{err}");
+            let (mut dq, mut dk_, mut dv_) = (q.clone(), q.clone(), v.clone());
+            let err = backward(
+                &d, causal, 1e-6, &q, &q, &v, &out, &mut dq, &mut dk_, &mut dv_,
+            )
+            .unwrap_err();
+            assert!(matches!(err, crate::KernelError::Argument(_)), "{err}");
+        }
+    }
+}

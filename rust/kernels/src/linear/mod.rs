@@ -278,6 +278,12 @@ fn check_inputs<E, A>(
     init_z: Option<&[A]>,
 ) -> Result<Vec<(usize, usize)>, KernelError> {
     let (h, kd, vd) = (d.heads, d.head_dim, d.v_head_dim);
+    // As the Python layer: the chunked core assumes at least one column.
+    if kd == 0 || vd == 0 {
+        return Err(KernelError::Argument(format!(
+            "head_dim ({kd}) and v_head_dim ({vd}) must be positive"
+        )));
+    }
     let rows = d.batch * d.seq_len;
     check_len("q", q, rows * h * kd)?;
     check_len("k", k, rows * h * kd)?;

@@ -480,3 +480,63 @@ fn streamed_forward_output_matches_cached() {
     assert!(outs[0].iter().all(|x| x.is_finite()));
     assert_eq!(outs[0], outs[1]);
 }
+
+/// A zero-width head is an argument error in both directions, never a panic.
+#[test]
+fn zero_width_heads_are_rejected() {
+    for (kd, vd) in [(0, 4), (4, 0)] {
+        let d = LinearDims {
+            batch: 1,
+            seq_len: 5,
+            heads: 2,
+            head_dim: kd,
+            v_head_dim: vd,
+        };
+        for causal in [false, true] {
+            let o = LinearOpts {
+                scale: 0.5,
+                causal,
+                normalize: true,
+                feature_map: FeatureMap::Identity,
+            };
+            let (q, v) = (vec![0.5f32; 5 * 2 * kd], vec![0.5f32; 5 * 2 * vd]);
+            let mut out = vec![0f32; 5 * 2 * vd];
+            let err = forward(
+                &d,
+                &o,
+                None,
+                &q,
+                &q,
+                &v,
+                None,
+                None,
+                &mut out,
+                &mut [],
+                &mut [],
+            )
+            .unwrap_err();
+            assert!(matches!(err, crate::KernelError::Argument(_)), "{err}");
+            let (mut dq, mut dk, mut dv) = (q.clone(), q.clone(), v.clone());
+            let err = backward(
+                &d,
+                &o,
+                None,
+                &q,
+                &q,
+                &v,
+                None,
+                None,
+                &out,
+                None,
+                None,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &mut [],
+                &mut [],
+            )
+            .unwrap_err();
+            assert!(matches!(err, crate::KernelError::Argument(_)), "{err}");
+        }
+    }
+}
