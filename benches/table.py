@@ -204,8 +204,8 @@ def main(argv=None):
     print(f"fp32 matmul rate (torch.mm 2048^3, same run): {args.matmul:.1f} GFLOP/s")
     print(f"fp32 FMA peak (same run): {args.peak:.1f} GFLOP/s = {args.threads} threads x "
           f"{fastattn.simd_level()} vector FMA chains, independent, best of 5 (see docs/benchmarks.md)")
-    print("times are best-of-N wall clock (one call after warm-up where a call is slow); "
-          "speedup = peer time / fastattn time\n", flush=True)
+    timing = "best-of-N wall clock" + ("" if args.full else f" (one call after warm-up for calls over {args.slow:g} s)")
+    print(f"times are {timing}; speedup = peer time / fastattn time\n", flush=True)
     # Each family runs in its own process: peers' multi-GB score matrices leave the heap
     # fragmented, and a later family's peers then run out of memory.
     rows = []
