@@ -521,3 +521,169 @@ fn sized_pools_agree() {
         }
     }
 }
+
+/// Embeds a contiguous heads-last operand (`rows` tokens of `w` values) in a wider buffer:
+/// token `t` at `offset + t·stride`, everything else `fill`.
+fn embed(
+    x: &[f32],
+    rows: usize,
+    w: usize,
+    offset: usize,
+    stride: usize,
+    len: usize,
+    fill: f32,
+) -> Vec<f32> {
+    let mut out = vec![fill; len];
+    for t in 0..rows {
+        out[offset + t * stride..][..w].copy_from_slice(&x[t * w..][..w]);
+    }
+    out
+}
+
+fn extract(x: &[f32], rows: usize, w: usize, offset: usize, stride: usize) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|t| x[offset + t * stride..][..w].to_vec())
+        .collect()
+}
+
+/// Operands addressed by a layout (q inside a wider fused projection, K and V the two halves
+/// of one buffer, dK/dV written into one joint buffer) give bit for bit the contiguous call's
+/// results, on the tiled and the few-query paths, and leave every unaddressed element alone.
+#[test]
+fn strided_layout_matches_contiguous() {
+    use fastattn_kernels::attention::{backward_with, forward_with, KvGrads, Layout, Rows};
+    let _g = lock();
+    for level in simd::available() {
+        simd::force(Some(level)).unwrap();
+        for &(b, tq, tk, hq, hkv, d, dv) in &[
+            (2, 70, 45, 4, 2, 16, 8),
+            (1, 3, 40, 4, 1, 8, 8),
+            (1, 1, 30, 2, 1, 8, 8),
+            (1, 20, 300, 2, 1, 8, 8),
+            (2, 9, 49, 3, 3, 32, 32),
+        ] {
+            let a = dims(b, tq, tk, hq, hkv, d, dv);
+            let (q, k, v, dout) = inputs(7, &a);
+            let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+            let (q, k, v, dout) = (f(&q), f(&k), f(&v), f(&dout));
+            let want = run::<f32>(&a, 0.3, true, &q, &k, &v, &dout);
+            let (qw, kw, vw, ow) = (hq * d, hkv * d, hkv * dv, hq * dv);
+            // q: 5 leading values and 3 trailing per token; K | V joint with a gap of 2.
+            let (q_off, q_stride) = (5, qw + 8);
+            let kv_stride = kw + vw + 2;
+            let layout = Layout {
+                q: Rows {
+                    offset: q_off,
+                    stride: q_stride,
+                },
+                k: Rows {
+                    offset: 0,
+                    stride: kv_stride,
+                },
+                v: Rows {
+                    offset: kw + 2,
+                    stride: kv_stride,
+                },
+                o: Rows {
+                    offset: 1,
+                    stride: ow + 1,
+                },
+            };
+            let (nq, nk) = (b * tq, b * tk);
+            let qb = embed(&q, nq, qw, q_off, q_stride, q_off + nq * q_stride, 9.0);
+            let mut kvb = embed(&k, nk, kw, 0, kv_stride, nk * kv_stride, 9.0);
+            let vpart = embed(&v, nk, vw, kw + 2, kv_stride, nk * kv_stride, 0.0);
+            for t in 0..nk {
+                kvb[t * kv_stride + kw + 2..][..vw]
+                    .copy_from_slice(&vpart[t * kv_stride + kw + 2..][..vw]);
+            }
+            let olen = 1 + nq * (ow + 1);
+            let mut out = vec![f32::NAN; olen];
+            let mut lse = vec![0f32; b * tq * hq];
+            forward_with(&a, &layout, 0.3, true, &qb, &kvb, &kvb, &mut out, &mut lse).unwrap();
+            assert_eq!(extract(&out, nq, ow, 1, ow + 1), want.out, "{level:?} out");
+            assert_eq!(lse, want.lse, "{level:?} lse");
+            let doutb = embed(&dout, nq, ow, 1, ow + 1, olen, 0.0);
+            let mut dq = vec![f32::NAN; qb.len()];
+            let mut dkv = vec![f32::NAN; kvb.len()];
+            backward_with(
+                &a,
+                &layout,
+                0.3,
+                true,
+                &qb,
+                &kvb,
+                &kvb,
+                &out,
+                &doutb,
+                &lse,
+                &mut dq,
+                KvGrads::Joint(&mut dkv),
+            )
+            .unwrap();
+            assert_eq!(
+                extract(&dq, nq, qw, q_off, q_stride),
+                want.dq,
+                "{level:?} dq"
+            );
+            assert_eq!(extract(&dkv, nk, kw, 0, kv_stride), want.dk, "{level:?} dk");
+            assert_eq!(
+                extract(&dkv, nk, vw, kw + 2, kv_stride),
+                want.dv,
+                "{level:?} dv"
+            );
+            // the gaps were never written
+            assert!(dq[..q_off].iter().all(|x| x.is_nan()));
+            for t in 0..nq {
+                assert!(dq[q_off + t * q_stride + qw..][..q_stride - qw]
+                    .iter()
+                    .all(|x| x.is_nan()));
+                assert!(out[1 + t * (ow + 1) + ow].is_nan());
+            }
+            assert!((0..nk).all(|t| dkv[t * kv_stride + kw..][..2].iter().all(|x| x.is_nan())));
+            assert!(out[0].is_nan());
+        }
+    }
+    simd::force(None).unwrap();
+}
+
+/// A joint dK/dV buffer whose key and value rows overlap is refused, not written.
+#[test]
+fn overlapping_joint_kv_grads_are_an_error() {
+    use fastattn_kernels::attention::{backward_with, KvGrads, Layout, Rows};
+    let a = dims(1, 4, 5, 2, 1, 8, 8);
+    let layout = Layout {
+        q: Rows::dense(2, 8),
+        k: Rows {
+            offset: 0,
+            stride: 12,
+        },
+        v: Rows {
+            offset: 4,
+            stride: 12,
+        },
+        o: Rows::dense(2, 8),
+    };
+    let (q, kv, o, lse) = (
+        vec![0f32; 64],
+        vec![0f32; 60],
+        vec![0f32; 64],
+        vec![0f32; 8],
+    );
+    let (mut dq, mut dkv) = (vec![0f32; 64], vec![0f32; 60]);
+    let r = backward_with(
+        &a,
+        &layout,
+        1.0,
+        false,
+        &q,
+        &kv,
+        &kv,
+        &o,
+        &o,
+        &lse,
+        &mut dq,
+        KvGrads::Joint(&mut dkv),
+    );
+    assert!(matches!(r, Err(KernelError::Argument(_))), "{r:?}");
+}

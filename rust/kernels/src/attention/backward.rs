@@ -6,7 +6,7 @@
 //! heads; chunks are summed at the end. That is cheaper than a second pass recomputing
 //! `S` and `dP` for dQ.
 
-use super::{store_row, AttnDims, SharedMut, Visibility, BWD_BK as BK, BWD_BQ as BQ};
+use super::{store_row, AttnDims, Layout, Rows, SharedMut, Visibility, BWD_BK as BK, BWD_BQ as BQ};
 use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::pack::{pack_cols, pack_rows, pack_transposed, View};
@@ -62,9 +62,13 @@ struct Scratch<T: Acc> {
     tmp: Vec<T>,
 }
 
+/// # Safety (of the pointers)
+/// `dq`, `dk`, `dv` address the rows `layout` gives them in buffers the caller checked and
+/// lends to this call alone (dk and dv may be one buffer when their rows are disjoint).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run<E: Element>(
     dims: &AttnDims,
+    layout: &Layout,
     scale: f64,
     causal: bool,
     q: &[E],
@@ -73,9 +77,9 @@ pub(super) fn run<E: Element>(
     out: &[E],
     dout: &[E],
     lse: &[E::Acc],
-    dq: &mut [E],
-    dk: &mut [E],
-    dv: &mut [E],
+    dqp: SharedMut<E>,
+    dkp: SharedMut<E>,
+    dvp: SharedMut<E>,
 ) {
     let level = simd::active();
     let AttnDims {
@@ -99,14 +103,14 @@ pub(super) fn run<E: Element>(
             let (bi, h) = (bh / hq, bh % hq);
             let row0 = bi * tq * hq + h;
             let qv = View {
-                base: row0 * d,
-                rs: hq * d,
+                base: layout.q.at(bi * tq, h, d),
+                rs: layout.q.stride,
                 rows: tq,
                 cols: d,
             };
             let ov = View {
-                base: row0 * dvd,
-                rs: hq * dvd,
+                base: layout.o.at(bi * tq, h, dvd),
+                rs: layout.o.stride,
                 rows: tq,
                 cols: dvd,
             };
@@ -128,7 +132,7 @@ pub(super) fn run<E: Element>(
             for i in 0..tq {
                 let row = row0 + i * hq;
                 p.lse2.push(lse[row] * log2e);
-                E::to_acc_slice(&out[row * dvd..][..dvd], &mut orow);
+                E::to_acc_slice(&out[layout.o.at(bi * tq + i, h, dvd)..][..dvd], &mut orow);
                 let mut s = E::Acc::ZERO;
                 for (&x, &g) in orow.iter().zip(&p.dor[i * dvd..][..dvd]) {
                     s += x * g;
@@ -143,16 +147,15 @@ pub(super) fn run<E: Element>(
         .into_par_iter()
         .map(|bh| {
             let (bi, h) = (bh / hkv, bh % hkv);
-            let row0 = bi * tk * hkv + h;
             let kv = View {
-                base: row0 * d,
-                rs: hkv * d,
+                base: layout.k.at(bi * tk, h, d),
+                rs: layout.k.stride,
                 rows: tk,
                 cols: d,
             };
             let vv = View {
-                base: row0 * dvd,
-                rs: hkv * dvd,
+                base: layout.v.at(bi * tk, h, dvd),
+                rs: layout.v.stride,
                 rows: tk,
                 cols: dvd,
             };
@@ -195,9 +198,6 @@ pub(super) fn run<E: Element>(
         .map(|_| Mutex::new(take(0)))
         .collect();
     let scratch = PerThread::new();
-    let dkp = SharedMut(dk.as_mut_ptr());
-    let dvp = SharedMut(dv.as_mut_ptr());
-    let dqp = SharedMut(dq.as_mut_ptr());
 
     (0..kv_heads_total * nchunks)
         .into_par_iter()
@@ -242,17 +242,17 @@ pub(super) fn run<E: Element>(
                     // SAFETY: keys j0..j0+bk of kv head (bi, kh) belong to this task alone.
                     unsafe {
                         for jj in 0..bk {
-                            let row = (bi * tk + j0 + jj) * hkv + kh;
+                            let bt = bi * tk + j0 + jj;
                             store_row(
                                 dkp,
-                                row * d,
+                                layout.k.at(bt, kh, d),
                                 &sc.dk[jj * d_pad..][..d],
                                 scale_t,
                                 &mut sc.tmp,
                             );
                             store_row(
                                 dvp,
-                                row * dvd,
+                                layout.v.at(bt, kh, dvd),
                                 &sc.dv[jj * dv_pad..][..dvd],
                                 one,
                                 &mut sc.tmp,
@@ -265,13 +265,13 @@ pub(super) fn run<E: Element>(
                     unsafe {
                         write_dq(
                             dqp,
+                            layout.q,
                             &sc.dq,
                             std::iter::empty(),
                             bi,
                             kh * group,
                             group,
                             tq,
-                            hq,
                             d,
                             scale_t,
                         )
@@ -295,13 +295,13 @@ pub(super) fn run<E: Element>(
             unsafe {
                 write_dq(
                     dqp,
+                    layout.q,
                     &parts[bkh],
                     rest,
                     bi,
                     kh * group,
                     group,
                     tq,
-                    hq,
                     d,
                     scale_t,
                 )
@@ -318,13 +318,13 @@ pub(super) fn run<E: Element>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn write_dq<'a, E: Element>(
     dq: SharedMut<E>,
+    rows: Rows,
     first: &[E::Acc],
     rest: impl Iterator<Item = &'a [E::Acc]> + Clone,
     bi: usize,
     h0: usize,
     group: usize,
     tq: usize,
-    hq: usize,
     d: usize,
     scale: E::Acc,
 ) where
@@ -335,14 +335,13 @@ unsafe fn write_dq<'a, E: Element>(
     for g in 0..group {
         for i in 0..tq {
             let src = (g * tq + i) * d_pad;
-            let row = (bi * tq + i) * hq + h0 + g;
             sum.copy_from_slice(&first[src..src + d]);
             for p in rest.clone() {
                 for (s, &x) in sum.iter_mut().zip(&p[src..src + d]) {
                     *s += x;
                 }
             }
-            store_row(dq, row * d, &sum, scale, &mut tmp);
+            store_row(dq, rows.at(bi * tq + i, h0 + g, d), &sum, scale, &mut tmp);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Forward pass: one task per (batch, query head, query tile), online softmax over key tiles.
 
-use super::{fwd_bq, store_row, AttnDims, SharedMut, Visibility, FWD_BK as BK};
+use super::{fwd_bq, store_row, AttnDims, Layout, SharedMut, Visibility, FWD_BK as BK};
 use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};
 use crate::gemm::pack::{pack_cols, pack_rows, pack_transposed, View};
@@ -37,6 +37,7 @@ struct Scratch<T: Acc> {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run<E: Element>(
     dims: &AttnDims,
+    layout: &Layout,
     scale: f64,
     causal: bool,
     q: &[E],
@@ -62,13 +63,12 @@ pub(super) fn run<E: Element>(
         .into_par_iter()
         .map(|bh| {
             let (bi, h) = (bh / hkv, bh % hkv);
-            let row0 = bi * tk * hkv + h;
             let mut kt = take(round_up_nr(tk) * d);
             pack_transposed(
                 k,
                 View {
-                    base: row0 * d,
-                    rs: hkv * d,
+                    base: layout.k.at(bi * tk, h, d),
+                    rs: layout.k.stride,
                     rows: tk,
                     cols: d,
                 },
@@ -79,8 +79,8 @@ pub(super) fn run<E: Element>(
             let vps = pack_cols(
                 v,
                 View {
-                    base: row0 * dv,
-                    rs: hkv * dv,
+                    base: layout.v.at(bi * tk, h, dv),
+                    rs: layout.v.stride,
                     rows: tk,
                     cols: dv,
                 },
@@ -122,8 +122,8 @@ pub(super) fn run<E: Element>(
                 let i0 = qt * bq_tile;
                 let bq = bq_tile.min(tq - i0);
                 let src = View {
-                    base: ((bi * tq + i0) * hq + h) * d,
-                    rs: hq * d,
+                    base: layout.q.at(bi * tq + i0, h, d),
+                    rs: layout.q.stride,
                     rows: bq,
                     cols: d,
                 };
@@ -136,17 +136,18 @@ pub(super) fn run<E: Element>(
                     let sc = &mut *sc;
                     for r in 0..bq {
                         let row = (bi * tq + i0 + r) * hq + h;
+                        let orow_at = layout.o.at(bi * tq + i0 + r, h, dv);
                         let l = sc.l[r];
                         let orow = &sc.o[r * dv_pad..][..dv];
                         if l > E::Acc::ZERO {
-                            store_row(outp, row * dv, orow, one / l, &mut sc.tmp);
+                            store_row(outp, orow_at, orow, one / l, &mut sc.tmp);
                             let ln2 = E::Acc::from_f64(std::f64::consts::LN_2);
                             *lp.add(row) = sc.m[r] * ln2 + l.ln();
                         } else {
                             // No visible key (or a NaN row): zero output, lse -inf / NaN.
                             let nan = l.partial_cmp(&l).is_none();
                             for c in 0..dv {
-                                *op.add(row * dv + c) =
+                                *op.add(orow_at + c) =
                                     E::from_acc(if nan { l } else { E::Acc::ZERO });
                             }
                             *lp.add(row) = if nan { l } else { E::Acc::NEG_INFINITY };

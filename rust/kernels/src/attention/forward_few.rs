@@ -10,7 +10,7 @@
 // Per-query-column state is indexed in parallel arrays, one lane per query.
 #![allow(clippy::needless_range_loop)]
 
-use super::{AttnDims, SharedMut, Visibility};
+use super::{AttnDims, Layout, SharedMut, Visibility};
 use crate::element::{Acc, Element};
 use crate::gemm::{gemm, GemmDims, NR};
 use crate::per_thread::PerThread;
@@ -55,6 +55,7 @@ unsafe fn gemv_head<E: Element>(
     bi: usize,
     kh: usize,
     dims: &AttnDims,
+    layout: &Layout,
     lim: &[usize; NR],
     qscale: E::Acc,
     q: &[E],
@@ -74,13 +75,14 @@ unsafe fn gemv_head<E: Element>(
     } = *dims;
     let group = hq / hkv;
     let (zero, one, ninf) = (E::Acc::ZERO, E::Acc::ONE, E::Acc::NEG_INFINITY);
-    let kbase = (bi * tk * hkv + kh) * d;
-    let vbase = (bi * tk * hkv + kh) * dv;
+    let (kbase, ks) = (layout.k.at(bi * tk, kh, d), layout.k.stride);
+    let (vbase, vs) = (layout.v.at(bi * tk, kh, dv), layout.v.stride);
     let mut qv = vec![zero; d];
     for c in 0..tq * group {
         let (g, i) = (c / tq, c % tq);
         let row = (bi * tq + i) * hq + kh * group + g;
-        E::to_acc_slice(&q[row * d..row * d + d], &mut qv);
+        let qa = layout.q.at(bi * tq + i, kh * group + g, d);
+        E::to_acc_slice(&q[qa..qa + d], &mut qv);
         qv.iter_mut().for_each(|x| *x *= qscale);
         let o = &mut sc.ot[..dv];
         o.fill(zero);
@@ -89,7 +91,7 @@ unsafe fn gemv_head<E: Element>(
         while j0 < lim[c] {
             let bk = KT.min(lim[c] - j0);
             let s = &mut sc.st[..bk];
-            E::Acc::dot_rows(level, &k[kbase + j0 * hkv * d..], hkv * d, &qv, s);
+            E::Acc::dot_rows(level, &k[kbase + j0 * ks..], ks, &qv, s);
             let mx = E::Acc::row_max(level, s);
             let m_new = if mx > m || mx.partial_cmp(&mx).is_none() {
                 mx
@@ -109,7 +111,7 @@ unsafe fn gemv_head<E: Element>(
             l = l * alpha + sum;
             m = m_new;
             if dv > 0 {
-                E::Acc::axpy_rows(level, o, s, &v[vbase + j0 * hkv * dv..], hkv * dv);
+                E::Acc::axpy_rows(level, o, s, &v[vbase + j0 * vs..], vs);
             }
             j0 += bk;
         }
@@ -122,8 +124,9 @@ unsafe fn gemv_head<E: Element>(
         } else {
             (zero, ninf)
         };
+        let oa = layout.o.at(bi * tq + i, kh * group + g, dv);
         for (cc, &x) in o.iter().enumerate() {
-            *outp.get().add(row * dv + cc) = E::from_acc(x * inv);
+            *outp.get().add(oa + cc) = E::from_acc(x * inv);
         }
         *lsep.get().add(row) = lse_v;
     }
@@ -132,6 +135,7 @@ unsafe fn gemv_head<E: Element>(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run<E: Element>(
     dims: &AttnDims,
+    layout: &Layout,
     scale: f64,
     causal: bool,
     q: &[E],
@@ -187,7 +191,9 @@ pub(super) fn run<E: Element>(
                 if nq <= GEMV_MAX {
                     // SAFETY: as below, this task owns the group's query rows of batch bi.
                     unsafe {
-                        gemv_head::<E>(level, sc, bi, kh, dims, &lim, qscale, q, k, v, outp, lsep)
+                        gemv_head::<E>(
+                            level, sc, bi, kh, dims, layout, &lim, qscale, q, k, v, outp, lsep,
+                        )
                     };
                     return;
                 }
@@ -195,7 +201,7 @@ pub(super) fn run<E: Element>(
                 let mut row = vec![zero; d];
                 for c in 0..nq {
                     let (g, i) = (c / tq, c % tq);
-                    let base = ((bi * tq + i) * hq + kh * group + g) * d;
+                    let base = layout.q.at(bi * tq + i, kh * group + g, d);
                     E::to_acc_slice(&q[base..base + d], &mut row);
                     for (dd, &x) in row.iter().enumerate() {
                         sc.qt[dd * NR + c] = x * qscale;
@@ -204,8 +210,8 @@ pub(super) fn run<E: Element>(
                 sc.ot.fill(zero);
                 sc.m = [ninf; NR];
                 sc.l = [zero; NR];
-                let kbase = (bi * tk * hkv + kh) * d;
-                let vbase = (bi * tk * hkv + kh) * dv;
+                let (kbase, ks) = (layout.k.at(bi * tk, kh, d), layout.k.stride);
+                let (vbase, vs) = (layout.v.at(bi * tk, kh, dv), layout.v.stride);
                 let mut j0 = 0;
                 while j0 < kend {
                     let bk = KT.min(kend - j0);
@@ -213,13 +219,13 @@ pub(super) fn run<E: Element>(
                         m: bk,
                         npanels: 1,
                         k: d,
-                        rsa: hkv * d,
+                        rsa: ks,
                         csa: 1,
                         bps: d * NR,
                         ldc: NR,
                         accumulate: false,
                     };
-                    gemm(level, &sd, &k[kbase + j0 * hkv * d..], &sc.qt, &mut sc.st);
+                    gemm(level, &sd, &k[kbase + j0 * ks..], &sc.qt, &mut sc.st);
                     // Only the nq live columns are touched: padding columns hold raw scores of
                     // zero queries and only feed padding columns of Oᵀ, which are never read.
                     let st = &mut sc.st[..bk * NR];
@@ -277,12 +283,12 @@ pub(super) fn run<E: Element>(
                         npanels: 1,
                         k: bk,
                         rsa: 1,
-                        csa: hkv * dv,
+                        csa: vs,
                         bps: bk * NR,
                         ldc: NR,
                         accumulate: true,
                     };
-                    gemm(level, &od, &v[vbase + j0 * hkv * dv..], &sc.st, &mut sc.ot);
+                    gemm(level, &od, &v[vbase + j0 * vs..], &sc.st, &mut sc.ot);
                     j0 += bk;
                 }
                 // SAFETY: the group's query heads of batch bi belong to this task alone.
@@ -290,6 +296,7 @@ pub(super) fn run<E: Element>(
                     for c in 0..nq {
                         let (g, i) = (c / tq, c % tq);
                         let row = (bi * tq + i) * hq + kh * group + g;
+                        let oa = layout.o.at(bi * tq + i, kh * group + g, dv);
                         let l = sc.l[c];
                         let nan = l.partial_cmp(&l).is_none();
                         let (inv, lse_v) = if l > zero {
@@ -301,7 +308,7 @@ pub(super) fn run<E: Element>(
                             (zero, ninf)
                         };
                         for cc in 0..dv {
-                            *outp.get().add(row * dv + cc) = E::from_acc(sc.ot[cc * NR + c] * inv);
+                            *outp.get().add(oa + cc) = E::from_acc(sc.ot[cc * NR + c] * inv);
                         }
                         *lsep.get().add(row) = lse_v;
                     }

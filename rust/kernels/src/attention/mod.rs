@@ -9,6 +9,9 @@
 mod backward;
 mod forward;
 mod forward_few;
+mod layout;
+
+pub use layout::{KvGrads, Layout, Rows};
 
 use crate::element::Element;
 use crate::error::{check_len, KernelError};
@@ -154,9 +157,10 @@ pub struct AttnDims {
     pub v_head_dim: usize,
 }
 
+/// Forward: writes `out` and the natural-log `lse`. `causal` aligns queries to the end of the
+/// keys (flash-attn): query `i` sees key `j` iff `j <= i + kv_len - q_len`. A query that sees
+/// no key gets output 0 and lse -inf.
 #[allow(clippy::too_many_arguments)]
-/// Forward: writes `out` and the natural-log `lse`. `causal` aligns queries to the end of the keys (flash-attn): query `i` sees key
-/// `j` iff `j <= i + kv_len - q_len`. A query that sees no key gets output 0 and lse -inf.
 pub fn forward<E: Element>(
     dims: &AttnDims,
     scale: f64,
@@ -173,15 +177,37 @@ pub fn forward<E: Element>(
     check_len("k", k, n.kv)?;
     check_len("v", v, n.v)?;
     check_len("out", out, n.o)?;
+    forward_with(dims, &Layout::dense(dims), scale, causal, q, k, v, out, lse)
+}
+
+/// [`forward`] with operands addressed by `layout` (k and v may be the same buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with<E: Element>(
+    dims: &AttnDims,
+    layout: &Layout,
+    scale: f64,
+    causal: bool,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    out: &mut [E],
+    lse: &mut [E::Acc],
+) -> Result<(), KernelError> {
+    validate(dims)?;
+    let n = lens(dims)?;
+    layout.check_q(dims, "q", q.len())?;
+    layout.check_k(dims, "k", k.len())?;
+    layout.check_v(dims, "v", v.len())?;
+    layout.check_o(dims, "out", out.len())?;
     check_len("lse", lse, n.lse)?;
     if n.lse == 0 {
         return Ok(());
     }
     match (E::as_acc_slice(k), E::as_acc_slice(v)) {
         (Some(k), Some(v)) if forward_few::applies(dims) => {
-            forward_few::run(dims, scale, causal, q, k, v, out, lse)
+            forward_few::run(dims, layout, scale, causal, q, k, v, out, lse)
         }
-        _ => forward::run(dims, scale, causal, q, k, v, out, lse),
+        _ => forward::run(dims, layout, scale, causal, q, k, v, out, lse),
     }
     Ok(())
 }
@@ -209,17 +235,122 @@ pub fn backward<E: Element>(
     check_len("v", v, n.v)?;
     check_len("out", out, n.o)?;
     check_len("dout", dout, n.o)?;
-    check_len("lse", lse, n.lse)?;
     check_len("dq", dq, n.q)?;
     check_len("dk", dk, n.kv)?;
     check_len("dv", dv, n.v)?;
-    let zero = E::from_acc(<E::Acc as crate::element::Acc>::ZERO);
+    let layout = Layout::dense(dims);
+    backward_with(
+        dims,
+        &layout,
+        scale,
+        causal,
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dq,
+        KvGrads::Split { dk, dv },
+    )
+}
+
+/// [`backward`] with operands and gradients addressed by `layout`: dq like q, dk like k, dv
+/// like v, dout like out. Only the addressed elements of the gradient buffers are written.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with<E: Element>(
+    dims: &AttnDims,
+    layout: &Layout,
+    scale: f64,
+    causal: bool,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    out: &[E],
+    dout: &[E],
+    lse: &[E::Acc],
+    dq: &mut [E],
+    dkv: KvGrads<'_, E>,
+) -> Result<(), KernelError> {
+    validate(dims)?;
+    let n = lens(dims)?;
+    layout.check_q(dims, "q", q.len())?;
+    layout.check_k(dims, "k", k.len())?;
+    layout.check_v(dims, "v", v.len())?;
+    layout.check_o(dims, "out", out.len())?;
+    layout.check_o(dims, "dout", dout.len())?;
+    check_len("lse", lse, n.lse)?;
+    layout.check_q(dims, "dq", dq.len())?;
+    let (dkp, dvp) = match dkv {
+        KvGrads::Split { dk, dv } => {
+            layout.check_k(dims, "dk", dk.len())?;
+            layout.check_v(dims, "dv", dv.len())?;
+            (SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()))
+        }
+        KvGrads::Joint(dkv) => {
+            layout.check_k(dims, "dkv", dkv.len())?;
+            layout.check_v(dims, "dkv", dkv.len())?;
+            if !layout.kv_disjoint(dims) {
+                return Err(KernelError::Argument(
+                    "dk and dv share a buffer but their rows overlap".into(),
+                ));
+            }
+            let p = SharedMut(dkv.as_mut_ptr());
+            (p, p)
+        }
+    };
+    let dqp = SharedMut(dq.as_mut_ptr());
     if n.lse == 0 || dims.kv_len == 0 {
-        dq.fill(zero);
-        dk.fill(zero);
-        dv.fill(zero);
+        let zero = E::from_acc(<E::Acc as crate::element::Acc>::ZERO);
+        // SAFETY: the checks above keep every addressed row inside its buffer, and nothing
+        // else runs on these buffers during the call.
+        unsafe {
+            fill_rows(
+                dqp,
+                layout.q,
+                dims.batch * dims.q_len,
+                dims.q_heads,
+                dims.head_dim,
+                zero,
+            );
+            fill_rows(
+                dkp,
+                layout.k,
+                dims.batch * dims.kv_len,
+                dims.kv_heads,
+                dims.head_dim,
+                zero,
+            );
+            fill_rows(
+                dvp,
+                layout.v,
+                dims.batch * dims.kv_len,
+                dims.kv_heads,
+                dims.v_head_dim,
+                zero,
+            );
+        }
         return Ok(());
     }
-    backward::run(dims, scale, causal, q, k, v, out, dout, lse, dq, dk, dv);
+    backward::run(
+        dims, layout, scale, causal, q, k, v, out, dout, lse, dqp, dkp, dvp,
+    );
     Ok(())
+}
+
+/// Sets every addressed element of `rows` token rows to `x`.
+///
+/// # Safety
+/// Every addressed row must lie inside the buffer behind `p`, written by no one else.
+unsafe fn fill_rows<E: Copy>(
+    p: SharedMut<E>,
+    r: Rows,
+    rows: usize,
+    heads: usize,
+    width: usize,
+    x: E,
+) {
+    for bt in 0..rows {
+        std::slice::from_raw_parts_mut(p.get().add(r.at(bt, 0, width)), heads * width).fill(x);
+    }
 }
