@@ -42,6 +42,9 @@ class Case:
     # Cases of one series run the same algorithms at growing sizes, so a peer's time on one
     # predicts its time on the next (causal and non-causal forms are different series).
     series: str = ""
+    # What the second direction times: "bwd" (the backward of a saved forward graph) or
+    # "f+b" (a whole training step of a layer: forward, then backward).
+    bwd_label: str = "bwd"
 
 
 def bench_params(cases: list[Case]) -> list:
@@ -408,9 +411,100 @@ def _na_mask_mod(spatial, ks, dil):
     return mod
 
 
+# --- HiLo ----------------------------------------------------------------------------------
+
+# (B, H, W, dim, heads): the LITv2 paper's single-layer benchmark (dim 768, 12 heads), LITv2-S
+# stage 3, a detection-size map whose width is not a multiple of the window (the padded
+# form) and a stage-1-size map, all at LITv2's alpha 0.9, window 2, qkv_bias.
+HILO_SHAPES = [
+    (64, 14, 14, 768, 12),
+    (64, 14, 14, 384, 12),
+    (2, 50, 75, 384, 12),
+    (8, 56, 56, 192, 6),
+]
+HILO_ALPHA, HILO_WS = 0.9, 2
+
+
+def _layer_step(layer, x, H, W):
+    """Forward (inference mode) and forward+backward (gradients of the input and every
+    parameter for fixed upstream gradients, nothing accumulated into ``.grad``) of a layer
+    called as ``layer(x, H, W)``, which returns a tensor or a tuple of them."""
+    params = list(layer.parameters())
+    xg = x.detach().requires_grad_(True)
+    upstream = []
+
+    def forward():
+        with torch.inference_mode():
+            return layer(x, H, W)
+
+    def train():
+        out = layer(xg, H, W)
+        out = out if isinstance(out, tuple) else (out,)
+        if not upstream:  # the warm-up call
+            upstream.extend(torch.randn_like(o) for o in out)
+        return torch.autograd.grad(out, [xg, *params], upstream)
+
+    return forward, train
+
+
+class _ProjectionFloor(torch.nn.Module):
+    """The HiLo layer's Linear layers alone on the inputs they see (``h_qkv`` then ``h_proj``
+    on its q part, ``l_q`` then ``l_proj``, ``l_kv`` on one token per window), their outputs
+    returned as they are: what any HiLo that keeps torch's projections must spend."""
+
+    def __init__(self, hilo):
+        super().__init__()
+        self.m = hilo
+
+    def forward(self, x, H, W):
+        m, b = self.m, x.shape[0]
+        x4 = x.reshape(b, H, W, m.dim)
+        outs = ()
+        if m.h_heads:
+            outs += (m.h_proj(m.h_qkv(x4)[..., :m.h_dim]),)
+        if m.l_heads:
+            outs += (m.l_proj(m.l_q(x4)), m.l_kv(x4[:, ::m.ws, ::m.ws]))
+        return outs
+
+
+def hilo_flops(b, H, W, dim, heads, alpha=HILO_ALPHA, ws=HILO_WS):
+    """(projection, attention) FLOPs of one HiLo forward (the module's useful work)."""
+    hd = dim // heads
+    lh = int(heads * alpha) if ws > 1 else heads
+    hh = heads - lh
+    n, p = b * H * W, b * -(-H // ws) * -(-W // ws)
+    proj = 2 * n * dim * 3 * hh * hd + 2 * n * (hh * hd) ** 2
+    proj += 2 * n * dim * lh * hd + 2 * p * dim * 2 * lh * hd + 2 * n * (lh * hd) ** 2
+    attn = 4 * n * hd * (hh * ws * ws + lh * p // b)
+    return proj, attn
+
+
+def hilo_cases(shapes=None, dtype=torch.float32) -> list[Case]:
+    """LITv2's HiLo layer (``fastattn.nn.HiLo``) against the layer as LITv2 writes it
+    (``fastattn.reference.HiLo``, the same weights) and the projection floor, forward in
+    inference mode and a forward+backward training step."""
+    from fastattn.reference import HiLo as LITv2HiLo
+
+    cases = []
+    for b, H, W, dim, heads in shapes or HILO_SHAPES:
+        eager = LITv2HiLo(dim, heads, qkv_bias=True, window_size=HILO_WS, alpha=HILO_ALPHA).to(dtype)
+        ours = fastattn.nn.HiLo(dim, heads, qkv_bias=True, window_size=HILO_WS, alpha=HILO_ALPHA).to(dtype)
+        ours.load_state_dict(eager.state_dict())
+        floor = _ProjectionFloor(ours)
+        x = torch.randn(b, H * W, dim, dtype=dtype)
+        proj, attn = hilo_flops(b, H, W, dim, heads)
+        case = Case("hilo", f"B{b} {H}x{W} C{dim} h{heads}", proj + attn, (3 * proj + 3.5 * attn) / (proj + attn),
+                    series="hilo", bwd_label="f+b")
+        for name, layer in (("fastattn", ours), ("litv2_eager", eager), ("proj_floor", floor)):
+            case.impls[name] = Impl(*_layer_step(layer, x, H, W))
+        cases.append(case)
+    return cases
+
+
 FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "attention": attention_cases,
     "neighborhood": neighborhood_cases,
     "linear": linear_cases,
     "flow": flow_cases,
+    "hilo": hilo_cases,
 }

@@ -111,7 +111,8 @@ def run(args) -> list[dict]:
                 if "fastattn" not in times:
                     continue
                 flops = case.flops_fwd * (case.bwd_factor if direction == "bwd" else 1.0)
-                rows.append({"op": case.op, "shape": case.shape, "dir": direction, "times": times,
+                label = direction if direction == "fwd" else case.bwd_label
+                rows.append({"op": case.op, "shape": case.shape, "dir": label, "times": times,
                              "skipped": skipped, "flops": flops})
                 _print_row(rows[-1], args.matmul, args.peak)
             # Release the case's inputs, saved graphs, masks and compiled kernels before the

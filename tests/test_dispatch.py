@@ -17,6 +17,7 @@ def _calls():
     x = torch.randn(1, 9, 10, 4, 16)
     ak, av = torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16)
     kv0 = torch.randn(1, 4, 16, 16)
+    hq, lq, lkv, pad = torch.randn(1, 9, 7, 96), torch.randn(1, 9, 7, 32), torch.randn(1, 5, 4, 64), torch.randn(64)
     ops = torch.ops.fastattn
     return [
         ("attention", lambda: fastattn.attention(q, k, v, is_causal=True, return_lse=True),
@@ -30,6 +31,8 @@ def _calls():
                                           "identity")),
         ("flow", lambda: fastattn.flow_attention(q, k, v, causal=True),
          lambda: ops.flow_attention_fwd(q, k, v, True, 1e-6)),
+        ("hilo", lambda: fastattn.hilo_attention(hq, lq, lkv, 2, 16, hi_pad_kv=pad, return_lse=True),
+         lambda: ops.hilo_fwd(hq, pad, lq, lkv, 2, 16, 0.25)),
     ]
 
 

@@ -48,6 +48,18 @@ def _na(spatial=(7, 8), h=4, hkv=2, d=8, dv=6, extra=True):
     return out
 
 
+def _hilo():
+    return {"hi_qkv": _r(1, 5, 7, 24), "lo_q": _r(1, 5, 7, 12), "lo_kv": _r(1, 3, 4, 24)}
+
+
+BAD_HILO = [
+    ("window_size", 9, ValueError), ("window_size", 0, ValueError), ("window_size", 2.0, ValueError),
+    ("window_size", "2", ValueError), ("window_size", None, ValueError), ("window_size", True, ValueError),
+    ("head_dim", 0, ValueError), ("head_dim", -4, ValueError), ("head_dim", 4.0, ValueError),
+    ("head_dim", 2**70, ValueError), ("scale", "big", TypeError), ("return_lse", "yes", TypeError),
+]
+
+
 def _lin():
     return {"q": torch.rand(1, 10, 2, 4), "k": torch.rand(1, 10, 2, 4), "v": _r(1, 10, 2, 3)}
 
@@ -122,6 +134,11 @@ OPS = [
         "q": _r(1, 9, 2, 8), "k": _r(1, 9, 2, 8), "v": _r(1, 9, 2, 6)}), {"causal": True},
        [("causal", "yes", TypeError), ("eps", -1.0, ValueError), ("eps", float("nan"), ValueError),
         ("eps", float("inf"), ValueError), ("eps", "tiny", TypeError)]),
+    Op("hilo_attention", lambda **a: fastattn.hilo_attention(**a), _hilo,
+       {"window_size": 2, "head_dim": 4, "return_lse": True}, BAD_HILO),
+    Op("HiLoAttentionFunction",
+       lambda hi_qkv, lo_q, lo_kv, window_size, head_dim: fastattn.HiLoAttentionFunction.apply(
+           hi_qkv, lo_q, lo_kv, window_size, head_dim), _hilo, {"window_size": 2, "head_dim": 4}, BAD_HILO[:10]),
     Op("FlowAttentionFunction", lambda q, k, v, **a: fastattn.FlowAttentionFunction.apply(q, k, v, a["causal"]),
        _qkv_flow, {"causal": False}, [("causal", None, TypeError)]),
 ]
@@ -315,6 +332,8 @@ def _np(t):
 
 NUMPY = {
     "attention": (fastattn.numpy.attention, lambda: {k: _np(v) for k, v in _qkv().items()}),
+    "hilo_attention": (lambda **a: fastattn.numpy.hilo_attention(**a, window_size=2, head_dim=4),
+                       lambda: {k: _np(v) for k, v in _hilo().items()}),
     "flow_attention": (fastattn.numpy.flow_attention, lambda: {k: _np(v) for k, v in _qkv(h=2, hkv=2).items()}),
     "linear_attention": (fastattn.numpy.linear_attention, lambda: {k: _np(v) for k, v in _lin().items()}),
     "neighborhood_attention": (lambda **a: fastattn.numpy.neighborhood_attention(**a, kernel_size=3),

@@ -37,6 +37,7 @@ def _inputs(seed: int = 0) -> dict[str, tuple]:
         "na2d": (r(1, 24, 24, 4, 32), r(1, 24, 24, 4, 32), r(1, 24, 24, 4, 32)),
         "linear": (r(1, 512, 4, 32).sigmoid(), r(1, 512, 4, 32).sigmoid(), r(1, 512, 4, 32)),
         "flow": (r(1, 512, 4, 32), r(1, 512, 4, 32), r(1, 512, 4, 32)),
+        "hilo": (r(1, 24, 23, 3 * 64), r(1, 24, 23, 64), r(1, 12, 12, 128), r(128)),
     }
 
 
@@ -47,6 +48,9 @@ def _call(name: str, args) -> torch.Tensor:
         return fastattn.na2d(*args, kernel_size=5, dilation=2)
     if name == "linear":
         return fastattn.linear_attention(*args)[0]
+    if name == "hilo":
+        hi, lo = fastattn.hilo_attention(*args[:3], window_size=2, head_dim=32, hi_pad_kv=args[3])
+        return torch.cat([hi, lo], -1)
     return fastattn.flow_attention(*args, causal=True)
 
 

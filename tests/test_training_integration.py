@@ -1,4 +1,4 @@
-"""A small model built from fastattn's modules (neighborhood, linear and flow attention) in
+"""A small model built from fastattn's modules (neighborhood, HiLo, linear and flow attention) in
 the settings training and deployment put it in: DistributedDataParallel with gloo across two
 processes, torch.export, and CPU autocast to bfloat16."""
 
@@ -18,12 +18,13 @@ C, HEADS, STEPS = 32, 4, 3
 
 
 class TinyModel(nn.Module):
-    """``[B, 6, 7, C]`` maps → 3 logits: a neighborhood layer on the map, then linear and
-    causal flow attention over its flattened tokens."""
+    """``[B, 6, 7, C]`` maps → 3 logits: a neighborhood layer on the map, HiLo on its tokens
+    (7 columns: the padded form), then linear and causal flow attention."""
 
     def __init__(self):
         super().__init__()
         self.na = fastattn.nn.NeighborhoodAttention2D(C, HEADS, kernel_size=3, dilation=(1, 2))
+        self.hilo = fastattn.nn.HiLo(C, HEADS, qkv_bias=True, window_size=2, alpha=0.5)
         self.lin = fastattn.nn.LinearAttention(C, HEADS)
         self.flow = fastattn.nn.FlowAttentionCausal(C, C, C, HEADS, drop_out=0.0)
         self.head = nn.Linear(C, 3)
@@ -32,6 +33,7 @@ class TinyModel(nn.Module):
         b, h, w, c = x.shape
         x = x + self.na(x)
         s = x.reshape(b, h * w, c)
+        s = s + self.hilo(s, h, w)
         s = s + self.lin(s)[0]
         s = s + self.flow(s, s, s)
         return self.head(s.mean(1))
@@ -105,7 +107,8 @@ def test_export_keeps_the_fastattn_ops_and_the_numbers():
     x, _ = _data(2)
     ep = torch.export.export(model, (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    for op in ("fastattn.na_fwd", "fastattn.linear_attention_fwd", "fastattn.flow_attention_fwd"):
+    for op in ("fastattn.na_fwd", "fastattn.hilo_fwd", "fastattn.linear_attention_fwd",
+               "fastattn.flow_attention_fwd"):
         assert any(t.startswith(op) for t in targets), (op, targets)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), atol=0, rtol=0)

@@ -177,3 +177,59 @@ def na_call(named: dict, kernel_size, stride, dilation, is_causal, scale, rank=N
                    shape("additional_values"), rank=rank)
     ks, ss, ds, cs = na_arguments(dims[1], kernel_size, stride, dilation, is_causal)
     return dims, (list(ks), list(ss), list(ds), list(cs), check_scale(scale, dims[4] ** -0.5))
+
+
+HILO_MAX_WINDOW = 8  # the Rust kernels compute a window's ws² × ws² scores whole
+
+
+def check_window_size(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= HILO_MAX_WINDOW:
+        raise ValueError(f"window_size must be an int in [1, {HILO_MAX_WINDOW}], got {value!r}")
+    return value
+
+
+def hilo_dims(hi_shape, lo_q_shape, lo_kv_shape, pad_shape, window_size, head_dim):
+    """Validates a HiLo call at the attention boundary (docs/hilo.md): ``hi_qkv`` ``[B, H, W,
+    3·h_dim]``, ``lo_q`` ``[B, H, W, l_dim]``, ``lo_kv`` ``[B, ceil(H/ws), ceil(W/ws), 2·l_dim]``
+    (either branch may be absent: shape None), ``hi_pad_kv`` ``[2·h_dim]``. Returns the
+    kernel's ``(batch, height, width, window, head_dim, hi_heads, lo_heads)``."""
+    ws = check_window_size(window_size)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    if hi_shape is None and lo_q_shape is None:
+        raise ValueError("hi_qkv and lo_q are both None: at least one branch must be given")
+    if (lo_q_shape is None) != (lo_kv_shape is None):
+        raise ValueError("lo_q and lo_kv must be given together")
+    layout = "[batch, height, width, channels]"
+    hi_heads = lo_heads = 0
+    map_shape = None
+    if hi_shape is not None:
+        check_rank("hi_qkv", hi_shape, 4, layout)
+        map_shape, c = tuple(hi_shape[:3]), hi_shape[3]
+        if c == 0 or c % (3 * head_dim):
+            raise ValueError(f"hi_qkv has {c} channels, not a positive multiple of 3 * head_dim = {3 * head_dim} "
+                             "(pass None for a branch without heads)")
+        hi_heads = c // (3 * head_dim)
+    if lo_q_shape is not None:
+        check_rank("lo_q", lo_q_shape, 4, layout)
+        check_rank("lo_kv", lo_kv_shape, 4, "[batch, ceil(height / ws), ceil(width / ws), 2 * l_dim]")
+        if map_shape is not None and tuple(lo_q_shape[:3]) != map_shape:
+            raise ValueError(f"lo_q batch/map shape {tuple(lo_q_shape[:3])} differs from hi_qkv's {map_shape}")
+        map_shape = tuple(lo_q_shape[:3])
+        c = lo_q_shape[3]
+        if c == 0 or c % head_dim:
+            raise ValueError(f"lo_q has {c} channels, not a positive multiple of head_dim = {head_dim} "
+                             "(pass None for a branch without heads)")
+        lo_heads = c // head_dim
+        b, h, w = map_shape
+        pooled = (b, -(-h // ws), -(-w // ws), 2 * c)
+        if tuple(lo_kv_shape) != pooled:
+            raise ValueError(f"lo_kv must be [batch, ceil(H/ws), ceil(W/ws), 2 * l_dim] = {pooled}, "
+                             f"got {tuple(lo_kv_shape)}")
+    b, h, w = map_shape
+    if pad_shape is not None:
+        if hi_shape is None:
+            raise ValueError("hi_pad_kv is given without hi_qkv")
+        if tuple(pad_shape) != (2 * hi_heads * head_dim,):
+            raise ValueError(f"hi_pad_kv must be [2 * h_dim] = [{2 * hi_heads * head_dim}], got {tuple(pad_shape)}")
+    return b, h, w, ws, head_dim, hi_heads, lo_heads

@@ -3,7 +3,8 @@ Function classes."""
 
 from .attention import AttentionFunction
 from .flow import FlowAttentionFunction
+from .hilo import HiLoAttentionFunction
 from .linear import LinearAttentionFunction
 from .neighborhood import NeighborhoodAttentionFunction
 
-__all__ = ["AttentionFunction", "FlowAttentionFunction", "LinearAttentionFunction", "NeighborhoodAttentionFunction"]
+__all__ = ["AttentionFunction", "FlowAttentionFunction", "HiLoAttentionFunction", "LinearAttentionFunction", "NeighborhoodAttentionFunction"]

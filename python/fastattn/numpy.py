@@ -17,6 +17,8 @@ __all__ = [
     "attention_backward",
     "flow_attention",
     "flow_attention_backward",
+    "hilo_attention",
+    "hilo_attention_backward",
     "linear_attention",
     "linear_attention_backward",
     "neighborhood_attention",
@@ -258,3 +260,75 @@ def neighborhood_attention_backward(dout, query, key, value, out, lse, kernel_si
     if additional_keys is None:
         return grads[:3] + (None, None)
     return grads
+
+
+# --- HiLo ------------------------------------------------------------------------------------
+
+
+def _hilo_args(hi_qkv, lo_q, lo_kv, hi_pad_kv, window_size, head_dim, scale):
+    named = {k: a for k, a in (("hi_qkv", hi_qkv), ("lo_q", lo_q), ("lo_kv", lo_kv), ("hi_pad_kv", hi_pad_kv))
+             if a is not None}
+    arrays = dict(zip(named, _arrays(**named)))
+    shape = lambda n: arrays[n].shape if n in arrays else None  # noqa: E731
+    dims = _checks.hilo_dims(shape("hi_qkv"), shape("lo_q"), shape("lo_kv"), shape("hi_pad_kv"),
+                             window_size, head_dim)
+    scale = _checks.check_scale(scale, head_dim ** -0.5)
+    like = arrays.get("hi_qkv", arrays.get("lo_q"))
+    return [arrays.get(n) for n in ("hi_qkv", "lo_q", "lo_kv", "hi_pad_kv")], dims, scale, like
+
+
+def _opt_buf(a):
+    return (0, 0) if a is None else _buf(a)
+
+
+def hilo_attention(hi_qkv, lo_q, lo_kv, window_size, head_dim, scale=None, hi_pad_kv=None, return_lse=False):
+    """HiLo attention on ``[B, H, W, C]`` projection outputs; see :func:`fastattn.hilo_attention`.
+    Returns ``(hi_out, lo_out)`` (None for an absent branch), with ``lo_lse`` third when
+    ``return_lse``."""
+    (hi, lq, lkv, pad), dims, scale, like = _hilo_args(hi_qkv, lo_q, lo_kv, hi_pad_kv, window_size, head_dim, scale)
+    _checks.check_bool("return_lse", return_lse)
+    b, h, w, _, hd, nh, nl = dims
+    hi_out = np.empty((b, h, w, nh * hd), dtype=like.dtype)
+    lo_out = np.empty((b, h, w, nl * hd), dtype=like.dtype)
+    lse = np.empty((b, h * w, nl), dtype=_acc(like.dtype))
+    if like.size:
+        lib.hilo_forward(like.dtype.name, dims, scale, num_threads(), _opt_buf(hi), None if pad is None else _buf(pad),
+                         _opt_buf(lq), _opt_buf(lkv), _buf(hi_out), _buf(lo_out), _buf(lse))
+    hi_out = hi_out if hi is not None else None
+    lo_out, lse = (lo_out, lse) if lq is not None else (None, None)
+    return (hi_out, lo_out, lse) if return_lse else (hi_out, lo_out)
+
+
+def hilo_attention_backward(d_hi_out, d_lo_out, hi_qkv, lo_q, lo_kv, lo_out, lo_lse, window_size, head_dim,
+                            scale=None, hi_pad_kv=None):
+    """Gradients ``(d_hi_qkv, d_lo_q, d_lo_kv, d_hi_pad_kv)`` of :func:`hilo_attention` given
+    the upstream gradients and the forward's ``lo_out`` and ``lo_lse`` (``return_lse=True``);
+    None where the input was None (``d_hi_out``, ``d_lo_out``, ``lo_out`` and ``lo_lse`` are
+    None for an absent branch)."""
+    (hi, lq, lkv, pad), dims, scale, like = _hilo_args(hi_qkv, lo_q, lo_kv, hi_pad_kv, window_size, head_dim, scale)
+    b, h, w, _, hd, nh, nl = dims
+    empty = np.empty((0,), dtype=like.dtype)
+
+    def given(name, a, shape, dtype, present):
+        if not present:
+            if a is not None:
+                raise ValueError(f"{name} must be None for an absent branch")
+            return empty if dtype == like.dtype else np.empty((0,), dtype=dtype)
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype:
+            raise ValueError(f"{name} must be a {np.dtype(dtype).name} array of shape {shape}")
+        return np.ascontiguousarray(a)
+
+    d_hi = given("d_hi_out", d_hi_out, (b, h, w, nh * hd), like.dtype, hi is not None)
+    d_lo = given("d_lo_out", d_lo_out, (b, h, w, nl * hd), like.dtype, lq is not None)
+    lo_out = given("lo_out", lo_out, (b, h, w, nl * hd), like.dtype, lq is not None)
+    lse = given("lo_lse", lo_lse, (b, h * w, nl), _acc(like.dtype), lq is not None)
+    grads = [empty if a is None else np.empty_like(a) for a in (hi, pad, lq, lkv)]
+    if like.size:
+        lib.hilo_backward(like.dtype.name, dims, scale, num_threads(), _opt_buf(hi), None if pad is None else _buf(pad),
+                          _opt_buf(lq), _opt_buf(lkv), _buf(lo_out), _buf(lse), _buf(d_hi), _buf(d_lo),
+                          *map(_buf, grads))
+    else:
+        for g in grads:
+            g.fill(0)
+    d_hi_qkv, d_pad, d_lq, d_lkv = (g if a is not None else None for g, a in zip(grads, (hi, pad, lq, lkv)))
+    return d_hi_qkv, d_lq, d_lkv, d_pad

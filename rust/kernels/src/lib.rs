@@ -23,6 +23,7 @@ pub mod error;
 pub mod flow;
 pub mod fma_peak;
 pub mod gemm;
+pub mod hilo;
 pub mod linear;
 pub mod neighborhood;
 pub mod pages;

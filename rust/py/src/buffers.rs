@@ -44,6 +44,12 @@ pub unsafe fn slice_mut<'a, T>(name: &str, buf: Buf) -> PyResult<&'a mut [T]> {
     Ok(std::slice::from_raw_parts_mut(p, buf.1))
 }
 
+/// # Safety
+/// As [`slice`], for a buffer that may be absent.
+pub unsafe fn opt<'a, T>(name: &str, b: Option<Buf>) -> PyResult<Option<&'a [T]>> {
+    b.map(|b| slice::<T>(name, b)).transpose()
+}
+
 /// The element types the kernels take, named as Python names them.
 #[derive(Clone, Copy, Debug)]
 pub enum DType {

@@ -7,6 +7,7 @@ mod attention;
 mod buffers;
 mod flow;
 mod fork;
+mod hilo;
 mod linear;
 mod neighborhood;
 mod runtime;
@@ -24,6 +25,7 @@ fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     runtime::register(m)?;
     attention::register(m)?;
     flow::register(m)?;
+    hilo::register(m)?;
     linear::register(m)?;
     neighborhood::register(m)?;
     Ok(())

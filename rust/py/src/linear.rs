@@ -1,6 +1,6 @@
 //! Linear attention bindings.
 
-use crate::buffers::{slice, slice_mut, Buf, DType};
+use crate::buffers::{opt, slice, slice_mut, Buf, DType};
 use crate::runtime::{flops, run};
 use crate::with_dtype;
 use fastattn_kernels::linear::{self, FeatureMap, LinearDims, LinearOpts};
@@ -33,12 +33,6 @@ fn opts(scale: f64, causal: bool, normalize: bool, feature_map: &str) -> PyResul
         normalize,
         feature_map,
     })
-}
-
-/// # Safety
-/// As `buffers::slice`.
-unsafe fn opt<'a, T>(name: &str, b: Option<Buf>) -> PyResult<Option<&'a [T]>> {
-    b.map(|b| slice::<T>(name, b)).transpose()
 }
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
