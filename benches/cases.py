@@ -508,3 +508,13 @@ FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "flow": flow_cases,
     "hilo": hilo_cases,
 }
+
+# ``--quick``: every family at small shapes (smaller than its first default one), so the whole
+# table runs in under a minute on 2 cores.
+QUICK: dict[str, dict] = {
+    "attention": {"ts": (512,)},
+    "neighborhood": {"shapes": [(1, (24, 24), 4, 32, 7, 1)]},  # flex compiles ~5 s a shape
+    "linear": {"ts": (512,)},
+    "flow": {"ts": (512,)},
+    "hilo": {"shapes": [(8, 14, 14, 192, 6)]},
+}

@@ -1,10 +1,13 @@
 """Wall-clock timing for the table: warm up, then the best of several calls (or one call,
-for calls slow enough that one is a stable figure), and a progress line for terminals."""
+for calls slow enough that one is a stable figure), fastattn and a peer in alternating rounds
+so that both sides of a ratio see the same machine, and a progress line for terminals."""
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -37,6 +40,91 @@ def time_call(fn, repeat_slow: bool = True, slow: float = 0.2, min_runs: int = 3
 def best_time(fn, min_runs: int = 3, min_seconds: float = 0.3, max_runs: int = 50) -> float:
     """Best of several calls after a warm-up, whatever their length."""
     return time_call(fn, True, min_runs=min_runs, min_seconds=min_seconds, max_runs=max_runs)
+
+
+# Interleaved rounds: each side runs about SLICE seconds of calls per round, and rounds go on
+# until the longest side has run MIN_SECONDS in all (at least MIN_ROUNDS, at most MAX_ROUNDS).
+SLICE = 0.03
+MIN_ROUNDS, MAX_ROUNDS = 3, 10
+MIN_SECONDS = 0.3
+MAX_CALLS = 10_000
+# The rounds of a pair disagree when their per-round ratios spread by more than this.
+DISAGREE = 0.15
+
+
+@dataclass
+class SideTiming:
+    """One side of an interleaved timing: its best call, and how it was reached."""
+
+    best: float
+    once: bool = False  # slower than ``slow``: one call after the warm-up, not in the rounds
+    calls_per_round: int = 0
+    round_bests: list[float] = field(default_factory=list)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.round_bests)
+
+
+class SideFailed(Exception):
+    """A side raised: ``name`` says which, so a peer's failure is not taken for ours."""
+
+    def __init__(self, name: str, error: BaseException):
+        super().__init__(f"{name}: {type(error).__name__}: {error}")
+        self.name, self.error = name, error
+
+
+def interleaved(fns: dict[str, Callable[[], object]], slow: float = 0.2, repeat_slow: bool = False,
+                slice_s: float | None = None, min_rounds: int | None = None, max_rounds: int | None = None,
+                min_seconds: float | None = None) -> dict[str, SideTiming]:
+    """Times several callables in alternating rounds (A…A B…B A…A B…B …): every side is warmed
+    up and timed once, then each round runs every side for about ``slice_s`` seconds of calls,
+    in turn, the same number of rounds for all; a side's figure is its fastest call. A noisy
+    spell then lands on both sides of a ratio instead of on one. A side whose first timed call
+    takes longer than ``slow`` keeps that one call (unless ``repeat_slow``) and sits the
+    rounds out."""
+    slice_s = SLICE if slice_s is None else slice_s
+    min_rounds = MIN_ROUNDS if min_rounds is None else min_rounds
+    max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
+    min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
+    first = {}
+    for name, fn in fns.items():
+        try:
+            _timed(fn)  # warm-up: allocation, pool start-up, compilation, a saved graph
+            first[name] = _timed(fn)
+        except Exception as e:  # noqa: BLE001
+            raise SideFailed(name, e) from e
+    out = {name: SideTiming(t, once=not repeat_slow and t > slow) for name, t in first.items()}
+    live = {n: fns[n] for n in fns if not out[n].once}
+    if not live:
+        return out
+    for name in live:
+        out[name].calls_per_round = min(MAX_CALLS, max(1, round(slice_s / max(first[name], 1e-9))))
+    longest = max(out[n].calls_per_round * first[n] for n in live)
+    rounds = max(min_rounds, min(max_rounds, -(-min_seconds // max(longest, 1e-9))))
+    for _ in range(int(rounds)):
+        for name, fn in live.items():
+            side = out[name]
+            try:
+                best = min(_timed(fn) for _ in range(side.calls_per_round))
+            except Exception as e:  # noqa: BLE001
+                raise SideFailed(name, e) from e
+            side.round_bests.append(best)
+            side.best = min(side.best, best)
+    return out
+
+
+def disagreement(ours: SideTiming, peer: SideTiming) -> float | None:
+    """How far a pair's ratio moves between the first and the second half of its rounds
+    (each half's best on each side; max / min − 1), or None without two rounds on both
+    sides. Single rounds are too short to compare one by one: on a 2-core VM a 30 ms slice
+    moves 10–20% by itself while the halves' ratios agree within a few percent."""
+    n = min(len(ours.round_bests), len(peer.round_bests))
+    if n < 2:
+        return None
+    h = (n + 1) // 2
+    ratios = [min(peer.round_bests[s]) / min(ours.round_bests[s]) for s in (slice(0, h), slice(h, n))]
+    return max(ratios) / min(ratios) - 1.0
 
 
 def matmul_gflops(n: int = 2048, dtype=torch.float32) -> float:
