@@ -33,6 +33,8 @@ def _calls():
          lambda: ops.flow_attention_fwd(q, k, v, True, 1e-6)),
         ("hilo", lambda: fastattn.hilo_attention(hq, lq, lkv, 2, 16, hi_pad_kv=pad, return_lse=True),
          lambda: ops.hilo_fwd(hq, pad, lq, lkv, 2, 16, 0.25)),
+        ("landmark", lambda: fastattn.landmark_attention(q, k, v, 8, return_lse=True),
+         lambda: ops.landmark_fwd(q, k, v, 8, 0.25)),
     ]
 
 

@@ -141,6 +141,14 @@ OPS = [
            hi_qkv, lo_q, lo_kv, window_size, head_dim), _hilo, {"window_size": 2, "head_dim": 4}, BAD_HILO[:10]),
     Op("FlowAttentionFunction", lambda q, k, v, **a: fastattn.FlowAttentionFunction.apply(q, k, v, a["causal"]),
        _qkv_flow, {"causal": False}, [("causal", None, TypeError)]),
+    Op("landmark_attention", lambda **a: fastattn.landmark_attention(**a), _qkv,
+       {"block_size": 4, "scale": 0.3, "return_lse": True},
+       [("block_size", 1, ValueError), ("block_size", 0, ValueError), ("block_size", -3, ValueError),
+        ("block_size", 2.5, TypeError), ("block_size", True, TypeError), ("block_size", "4", TypeError),
+        ("block_size", None, TypeError), ("scale", "x", TypeError), ("return_lse", 2, TypeError)]),
+    Op("LandmarkAttentionFunction",
+       lambda q, k, v, **a: fastattn.LandmarkAttentionFunction.apply(q, k, v, a["block_size"]),
+       _qkv, {"block_size": 3}, [("block_size", 1, ValueError), ("block_size", 3.0, TypeError)]),
 ]
 
 OPS_BY_NAME = {op.name: op for op in OPS}
@@ -185,7 +193,8 @@ def _checked_call(op: Op, args: dict, err, arg: str):
 # no additional values pin it.
 LEGAL = {(op, "v", "last dim - 1") for op in ("attention", "AttentionFunction", "flow_attention",
                                               "FlowAttentionFunction", "linear_attention",
-                                              "LinearAttentionFunction")}
+                                              "LinearAttentionFunction", "landmark_attention",
+                                              "LandmarkAttentionFunction")}
 LEGAL |= {(op, "value", "last dim - 1") for op in ("na3d", "neighborhood_attention")}
 # dense attention defines zero-width heads (empty or zero outputs); the other ops reject them
 LEGAL |= {(op, "v", "last dim 0") for op in ("attention", "AttentionFunction")}
@@ -335,6 +344,8 @@ NUMPY = {
     "hilo_attention": (lambda **a: fastattn.numpy.hilo_attention(**a, window_size=2, head_dim=4),
                        lambda: {k: _np(v) for k, v in _hilo().items()}),
     "flow_attention": (fastattn.numpy.flow_attention, lambda: {k: _np(v) for k, v in _qkv(h=2, hkv=2).items()}),
+    "landmark_attention": (lambda **a: fastattn.numpy.landmark_attention(**a, block_size=4),
+                           lambda: {k: _np(v) for k, v in _qkv().items()}),
     "linear_attention": (fastattn.numpy.linear_attention, lambda: {k: _np(v) for k, v in _lin().items()}),
     "neighborhood_attention": (lambda **a: fastattn.numpy.neighborhood_attention(**a, kernel_size=3),
                                lambda: {k: _np(v) for k, v in _na().items()}),

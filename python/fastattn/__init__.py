@@ -2,7 +2,8 @@
 
 Families: dense flash-style attention (:func:`attention`), neighborhood attention
 (:func:`na1d` / :func:`na2d` / :func:`na3d`), HiLo attention (:func:`hilo_attention`,
-:class:`fastattn.nn.HiLo`), linear and flow attention, plus the plain PyTorch oracles of
+:class:`fastattn.nn.HiLo`), landmark attention (:func:`landmark_attention`), linear and flow
+attention, plus the plain PyTorch oracles of
 every op in :mod:`fastattn.reference`. Kernels run on ``torch.get_num_threads()`` threads (or
 ``FASTATTN_NUM_THREADS``); :func:`set_simd_level` caps runtime SIMD dispatch.
 """
@@ -12,6 +13,7 @@ from ._native import measure_fma_peak, num_threads, release_memory, set_simd_lev
 from .attention import AttentionFunction, attention
 from .flow import FlowAttentionFunction, flow_attention
 from .hilo import HiLoAttentionFunction, hilo_attention
+from .landmark import LandmarkAttentionFunction, landmark_attention
 from .linear import LinearAttentionFunction, linear_attention
 from .neighborhood import NeighborhoodAttentionFunction, na1d, na2d, na3d, neighborhood_attention
 from . import nn  # noqa: E402  (after the ops it wraps)
@@ -25,6 +27,8 @@ __all__ = [
     "FlowAttentionFunction",
     "hilo_attention",
     "HiLoAttentionFunction",
+    "landmark_attention",
+    "LandmarkAttentionFunction",
     "linear_attention",
     "LinearAttentionFunction",
     "na1d",

@@ -4,7 +4,8 @@ Function classes."""
 from .attention import AttentionFunction
 from .flow import FlowAttentionFunction
 from .hilo import HiLoAttentionFunction
+from .landmark import LandmarkAttentionFunction
 from .linear import LinearAttentionFunction
 from .neighborhood import NeighborhoodAttentionFunction
 
-__all__ = ["AttentionFunction", "FlowAttentionFunction", "HiLoAttentionFunction", "LinearAttentionFunction", "NeighborhoodAttentionFunction"]
+__all__ = ["AttentionFunction", "FlowAttentionFunction", "HiLoAttentionFunction", "LandmarkAttentionFunction", "LinearAttentionFunction", "NeighborhoodAttentionFunction"]

@@ -19,6 +19,8 @@ __all__ = [
     "flow_attention_backward",
     "hilo_attention",
     "hilo_attention_backward",
+    "landmark_attention",
+    "landmark_attention_backward",
     "linear_attention",
     "linear_attention_backward",
     "neighborhood_attention",
@@ -51,6 +53,18 @@ def _acc(dtype) -> np.dtype:
     return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
+def _saved_rows(out, dout, lse, shape, dtype) -> np.ndarray:
+    """Checks a backward's ``out`` ``[B, Tq, H, Dv]``, ``dout`` (the same shape) and ``lse``
+    ``[B, Tq, H]`` (the accumulation dtype); returns ``lse`` contiguous."""
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if dout.shape != out.shape:
+        raise ValueError(f"dout must have shape {out.shape}, got {dout.shape}")
+    if not isinstance(lse, np.ndarray) or lse.shape != shape[:3] or lse.dtype != _acc(dtype):
+        raise ValueError(f"lse must be a {_acc(dtype).name} array of shape {shape[:3]}")
+    return np.ascontiguousarray(lse)
+
+
 def attention(q, k, v, is_causal=False, scale=None, return_lse=False):
     """Dense softmax attention on ``[B, T, H, D]`` arrays; see :func:`fastattn.attention`."""
     q, k, v = _arrays(q=q, k=k, v=v)
@@ -70,13 +84,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal=False, scale=None):
     dout, q, k, v, out = _arrays(dout=dout, q=q, k=k, v=v, out=out)
     dims = _checks.attention_dims(q.shape, k.shape, v.shape)
     b, tq, _, hq, _, _, dv = dims
-    if out.shape != (b, tq, hq, dv):
-        raise ValueError(f"out must have shape {(b, tq, hq, dv)}, got {out.shape}")
-    if dout.shape != out.shape:
-        raise ValueError(f"dout must have shape {out.shape}, got {dout.shape}")
-    if not isinstance(lse, np.ndarray) or lse.shape != (b, tq, hq) or lse.dtype != _acc(q.dtype):
-        raise ValueError(f"lse must be a {_acc(q.dtype).name} array of shape {(b, tq, hq)}")
-    lse = np.ascontiguousarray(lse)
+    lse = _saved_rows(out, dout, lse, (b, tq, hq, dv), q.dtype)
     _checks.check_bool("is_causal", is_causal)
     scale = _checks.check_scale(scale, q.shape[-1] ** -0.5 if q.shape[-1] else 1.0)
     dq, dk, dv_ = np.empty_like(q), np.empty_like(k), np.empty_like(v)
@@ -332,3 +340,41 @@ def hilo_attention_backward(d_hi_out, d_lo_out, hi_qkv, lo_q, lo_kv, lo_out, lo_
             g.fill(0)
     d_hi_qkv, d_pad, d_lq, d_lkv = (g if a is not None else None for g, a in zip(grads, (hi, pad, lq, lkv)))
     return d_hi_qkv, d_lq, d_lkv, d_pad
+
+
+# --- landmark ----------------------------------------------------------------------------------
+
+
+def landmark_attention(q, k, v, block_size=64, scale=None, return_lse=False):
+    """Landmark attention's grouped softmax on ``[B, T, H, D]`` arrays; see
+    :func:`fastattn.landmark_attention`."""
+    from .landmark import landmark_dims
+
+    q, k, v = _arrays(q=q, k=k, v=v)
+    dims = landmark_dims(q.shape, k.shape, v.shape, block_size)
+    _checks.check_bool("return_lse", return_lse)
+    scale = _checks.check_scale(scale, q.shape[-1] ** -0.5)
+    b, tq, _, hq, _, _, dv, _ = dims
+    out = np.empty((b, tq, hq, dv), dtype=q.dtype)
+    lse = np.empty((b, tq, hq), dtype=_acc(q.dtype))
+    if out.size:
+        lib.landmark_forward(q.dtype.name, dims, scale, num_threads(), _buf(q), _buf(k), _buf(v), _buf(out), _buf(lse))
+    return (out, lse) if return_lse else out
+
+
+def landmark_attention_backward(dout, q, k, v, out, lse, block_size=64, scale=None):
+    """Gradients ``(dq, dk, dv)`` of :func:`landmark_attention` given the upstream gradient
+    ``dout`` and the forward's ``out`` and ``lse`` (``return_lse=True``)."""
+    from .landmark import landmark_dims
+
+    dout, q, k, v, out = _arrays(dout=dout, q=q, k=k, v=v, out=out)
+    dims = landmark_dims(q.shape, k.shape, v.shape, block_size)
+    b, tq, _, hq, _, _, dv, _ = dims
+    lse = _saved_rows(out, dout, lse, (b, tq, hq, dv), q.dtype)
+    scale = _checks.check_scale(scale, q.shape[-1] ** -0.5)
+    dq, dk, dv_ = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    lib.landmark_backward(
+        q.dtype.name, dims, scale, num_threads(),
+        _buf(q), _buf(k), _buf(v), _buf(out), _buf(dout), _buf(lse), _buf(dq), _buf(dk), _buf(dv_),
+    )
+    return dq, dk, dv_

@@ -24,6 +24,7 @@ pub mod flow;
 pub mod fma_peak;
 pub mod gemm;
 pub mod hilo;
+pub mod landmark;
 pub mod linear;
 pub mod neighborhood;
 pub mod pages;

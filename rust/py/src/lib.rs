@@ -8,6 +8,7 @@ mod buffers;
 mod flow;
 mod fork;
 mod hilo;
+mod landmark;
 mod linear;
 mod neighborhood;
 mod runtime;
@@ -26,6 +27,7 @@ fn _fastattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     attention::register(m)?;
     flow::register(m)?;
     hilo::register(m)?;
+    landmark::register(m)?;
     linear::register(m)?;
     neighborhood::register(m)?;
     Ok(())
