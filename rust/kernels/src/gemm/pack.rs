@@ -86,3 +86,17 @@ pub fn pack_rows<E: Element>(src: &[E], v: View, scale: E::Acc, out: &mut Vec<E:
         convert_row(&src[v.base + r * v.rs..][..v.cols], scale, dst);
     }
 }
+
+/// A matrix of `rows × cols` accumulation values read as a GEMM `A` operand: in place when
+/// the storage type is the accumulation type, else converted into `tmp`. Returns the slice
+/// starting at the view's first element and its row stride.
+pub fn rows_of<'a, E: Element>(src: &'a [E], v: View, tmp: &'a mut Vec<E::Acc>) -> (&'a [E::Acc], usize) {
+    match E::as_acc_slice(src) {
+        Some(s) => (&s[v.base..], v.rs),
+        None => {
+            pack_rows(src, v, E::Acc::ONE, tmp);
+            (&tmp[..], v.cols)
+        }
+    }
+}
+

@@ -14,7 +14,7 @@
 //! the exponential and `dS = P ⊙ (dP − δ)` are two calls per block instead of per row.
 
 use crate::element::{Acc, Element};
-use crate::gemm::pack::{pack_cols, pack_rows, pack_transposed, View};
+use crate::gemm::pack::{pack_cols, pack_transposed, rows_of, View};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
 use crate::linear::SharedMut;
 use crate::per_thread::PerThread;
@@ -77,22 +77,6 @@ impl Geometry {
         let tiles = self.q_len.div_ceil(BQ);
         let at = |c: usize| (tiles * c / n * BQ).min(self.q_len);
         (at(c), at(c + 1))
-    }
-}
-
-/// A matrix of `rows × cols` accumulation values read as a GEMM `A` operand: in place when
-/// the storage type is the accumulation type, else converted into `tmp`.
-fn rows_of<'a, E: Element>(
-    src: &'a [E],
-    v: View,
-    tmp: &'a mut Vec<E::Acc>,
-) -> (&'a [E::Acc], usize) {
-    match E::as_acc_slice(src) {
-        Some(s) => (&s[v.base..], v.rs),
-        None => {
-            pack_rows(src, v, E::Acc::ONE, tmp);
-            (&tmp[..], v.cols)
-        }
     }
 }
 

@@ -10,10 +10,11 @@
 //! own. Memory is O(block + head dims) per row beyond the inputs and outputs; the backward
 //! recomputes every score from the saved log-sum-exp.
 //!
-//! This first version walks one query row at a time with the SIMD row kernels
-//! (`dot_rows` / `axpy_rows`); its cost is that of causal attention done as matrix-vector
-//! products.
+//! The forward ([`forward`]) runs a tile of queries against one key block at a time as
+//! GEMMs. The backward still walks one query row at a time with the SIMD row kernels
+//! (`dot_rows` / `axpy_rows`), at matrix-vector speed.
 
+mod forward;
 #[cfg(test)]
 mod tests;
 
@@ -21,7 +22,7 @@ use crate::element::{Acc, Element};
 use crate::error::{check_len, KernelError};
 use crate::linear::SharedMut;
 use crate::simd::math::VecMath;
-use crate::simd::{self, Level};
+use crate::simd;
 use rayon::prelude::*;
 
 /// Shapes of one call, heads-last `[B, T, H, D]`. The `q_len` queries are the last `q_len`
@@ -121,34 +122,6 @@ fn own_block(p: usize, block: usize) -> (usize, usize) {
     (start, last - start + 1)
 }
 
-/// Query chunks per (batch, head): enough tasks for every worker.
-fn chunks(d: &LandmarkDims) -> usize {
-    let heads = (d.batch * d.q_heads).max(1);
-    (4 * rayon::current_num_threads()).div_ceil(heads).clamp(1, d.q_len.max(1))
-}
-
-/// The online softmax of one row in base 2: running maximum `m`, sum `z` and unnormalised
-/// output `acc`.
-struct Running<'s, T> {
-    m: T,
-    z: T,
-    acc: &'s mut [T],
-}
-
-impl<T: Acc> Running<'_, T> {
-    /// Moves the running maximum to at least `m_new`, rescaling the sum and the output.
-    fn lift(&mut self, level: Level, m_new: T) {
-        if m_new > self.m {
-            if self.m != T::NEG_INFINITY {
-                let c = T::exp2(self.m - m_new);
-                self.z *= c;
-                T::scale(level, self.acc, c);
-            }
-            self.m = m_new;
-        }
-    }
-}
-
 /// Forward: `out [B, Tq, H, Dv]` and the natural-log `lse [B, Tq, H]`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<E: Element>(
@@ -170,73 +143,7 @@ pub fn forward<E: Element>(
     if d.batch == 0 || d.q_len == 0 || h == 0 {
         return Ok(());
     }
-    let level = simd::active();
-    let c = E::Acc::from_f64(scale * std::f64::consts::LOG2_E);
-    let ln2 = E::Acc::from_f64(std::f64::consts::LN_2);
-    let (bs, group, shift) = (d.block, h / d.kv_heads, d.kv_len - d.q_len);
-    let n_chunks = chunks(d);
-    let outp = SharedMut(out.as_mut_ptr());
-    let lsep = SharedMut(lse.as_mut_ptr());
-    (0..d.batch * h * n_chunks)
-        .into_par_iter()
-        .with_max_len(1)
-        .for_each(|task| {
-            let (bh, ch) = (task / n_chunks, task % n_chunks);
-            let (b, hh) = (bh / h, bh % h);
-            let (i0, i1) = (d.q_len * ch / n_chunks, d.q_len * (ch + 1) / n_chunks);
-            if i0 == i1 {
-                return;
-            }
-            let rows = shift + i1; // keys this chunk's queries can reach
-            let (mut kt, mut vt) = (Vec::new(), Vec::new());
-            let kr = head_rows(k, d, b, hh / group, dk, rows, &mut kt);
-            let vr = head_rows(v, d, b, hh / group, dv, rows, &mut vt);
-            let mut qs = vec![E::Acc::ZERO; dk];
-            let mut s = vec![E::Acc::ZERO; bs];
-            let mut avg = vec![E::Acc::ZERO; dv];
-            let mut acc = vec![E::Acc::ZERO; dv];
-            for i in i0..i1 {
-                let p = shift + i;
-                let at = (b * d.q_len + i) * h + hh;
-                E::to_acc_slice(&q[at * dk..][..dk], &mut qs);
-                E::Acc::scale(level, &mut qs, c);
-                acc.fill(E::Acc::ZERO);
-                let mut run = Running {
-                    m: E::Acc::NEG_INFINITY,
-                    z: E::Acc::ZERO,
-                    acc: &mut acc,
-                };
-                for g in 0..p / bs {
-                    // every earlier block is complete: one item, gated by its landmark
-                    E::Acc::dot_rows(level, kr.span(g * bs, bs), kr.rs, &qs, &mut s);
-                    let gate = s[bs - 1];
-                    let inner = &mut s[..bs - 1];
-                    let m = E::Acc::row_max(level, inner);
-                    let m = if m == E::Acc::NEG_INFINITY { E::Acc::ZERO } else { m };
-                    let l = E::Acc::exp2_sub_sum(level, inner, m);
-                    avg.fill(E::Acc::ZERO);
-                    E::Acc::axpy_rows(level, &mut avg, inner, vr.span(g * bs, bs - 1), vr.rs);
-                    run.lift(level, gate);
-                    let w = E::Acc::exp2(gate - run.m) / l;
-                    E::Acc::axpy_rows(level, run.acc, &[w], &avg, dv);
-                    run.z += E::Acc::exp2(gate - run.m);
-                }
-                let (start, n) = own_block(p, bs);
-                let own = &mut s[..n];
-                E::Acc::dot_rows(level, kr.span(start, n), kr.rs, &qs, own);
-                run.lift(level, E::Acc::row_max(level, own));
-                let m = if run.m == E::Acc::NEG_INFINITY { E::Acc::ZERO } else { run.m };
-                run.z += E::Acc::exp2_sub_sum(level, own, m);
-                E::Acc::axpy_rows(level, run.acc, own, vr.span(start, n), vr.rs);
-                let (m, z) = (m, run.z);
-                E::Acc::scale(level, &mut acc, E::Acc::ONE / z);
-                // SAFETY: row (b, i, hh) belongs to this task alone.
-                unsafe {
-                    E::from_acc_slice(&acc, outp.slice(at * dv, dv));
-                    lsep.slice(at, 1)[0] = (m + E::Acc::log2(z)) * ln2;
-                }
-            }
-        });
+    forward::forward(simd::active(), d, scale, q, k, v, out, lse);
     Ok(())
 }
 
