@@ -1,4 +1,5 @@
 use super::*;
+use crate::element::Acc;
 use half::{bf16, f16};
 
 fn lcg(seed: &mut u64) -> f64 {

@@ -1,0 +1,207 @@
+//! The backward as GEMMs, recomputing from the saved lse: for a tile of query rows and one
+//! key block, `S = Q·Kᵀ` and `E = dO·Vᵀ` (`e_j = dO·v_j`), then per row the weights `a_j`
+//! the forward used and the score gradients `ds_j` (natural-log scores), with
+//! `δ = dO·O` and, for an earlier block, its in-block weights `w_j` and gate `G`:
+//!
+//! * earlier block: `a_j = G·w_j`, `ds_j = a_j (e_j − Σ w e)`; the landmark's
+//!   `ds = G (Σ w e − δ)` and `a = 0`;
+//! * own block: `a_j = 2^(s_j − lse)`, `ds_j = a_j (e_j − δ)` up to the query;
+//! * later block: 0.
+//!
+//! then `dV_g += Aᵀ·dO`, `dK_g += dSᵀ·Q` and `dQ += dS·K_g`. A task owns one (batch entry,
+//! kv head): its keys' gradients stay in its buffers, nothing is summed across threads.
+
+use super::LandmarkDims;
+use super::own_block;
+use crate::element::{Acc, Element};
+use crate::gemm::pack::{pack_cols, pack_transposed, rows_of, View};
+use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
+use crate::linear::SharedMut;
+use crate::simd::math::VecMath;
+use crate::simd::Level;
+use rayon::prelude::*;
+
+const BQ: usize = 48;
+
+fn zeroed<T: Acc>(n: usize) -> Vec<T> {
+    vec![T::ZERO; n]
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward<E: Element>(
+    level: Level,
+    d: &LandmarkDims,
+    scale: f64,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    out: &[E],
+    dout: &[E],
+    lse: &[E::Acc],
+    dq: &mut [E],
+    dk: &mut [E],
+    dv: &mut [E],
+) {
+    let (h, hd, hv, bs, tk) = (d.q_heads, d.head_dim, d.v_head_dim, d.block, d.kv_len);
+    let (group, shift) = (h / d.kv_heads, d.kv_len - d.q_len);
+    let log2e = E::Acc::from_f64(std::f64::consts::LOG2_E);
+    let c = E::Acc::from_f64(scale * std::f64::consts::LOG2_E);
+    let sc = E::Acc::from_f64(scale);
+    let (kpad, hpad, vpad) = (round_up_nr(bs), round_up_nr(hd), round_up_nr(hv));
+    let dqp = SharedMut(dq.as_mut_ptr());
+    let dkp = SharedMut(dk.as_mut_ptr());
+    let dvp = SharedMut(dv.as_mut_ptr());
+    let kv_row = |b: usize, t: usize, kvh: usize| (b * tk + t) * d.kv_heads + kvh;
+    (0..d.batch * d.kv_heads).into_par_iter().with_max_len(1).for_each(|task| {
+        let (b, kvh) = (task / d.kv_heads, task % d.kv_heads);
+        let (mut gk, mut gv) = (zeroed::<E::Acc>(tk * hpad), zeroed::<E::Acc>(tk * vpad));
+        let (mut s, mut e) = (zeroed::<E::Acc>(BQ * kpad), zeroed::<E::Acc>(BQ * kpad));
+        let mut gq = zeroed::<E::Acc>(BQ * hpad);
+        let (mut kt, mut vt, mut kc) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut qtmp, mut dtmp, mut qc, mut dc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut orow, mut drow) = (zeroed::<E::Acc>(hv), zeroed::<E::Acc>(hv));
+        let (mut lse2, mut delta) = (zeroed::<E::Acc>(BQ), zeroed::<E::Acc>(BQ));
+        for hh in kvh * group..(kvh + 1) * group {
+            for i0 in (0..d.q_len).step_by(BQ) {
+                let bq = BQ.min(d.q_len - i0);
+                let (p0, p1) = (shift + i0, shift + i0 + bq - 1);
+                let row0 = (b * d.q_len + i0) * h + hh;
+                let qv = View {
+                    base: row0 * hd,
+                    rs: h * hd,
+                    rows: bq,
+                    cols: hd,
+                };
+                let ov = View {
+                    base: row0 * hv,
+                    rs: h * hv,
+                    rows: bq,
+                    cols: hv,
+                };
+                let (qa, rsq) = rows_of(q, qv, &mut qtmp);
+                let (da, rsd) = rows_of(dout, ov, &mut dtmp);
+                // Q and dO as the B operands of dK and dV
+                let qps = pack_cols(q, qv, E::Acc::ONE, &mut qc);
+                let dps = pack_cols(dout, ov, E::Acc::ONE, &mut dc);
+                for r in 0..bq {
+                    let at = ((row0 + r * h) * hv)..((row0 + r * h) * hv + hv);
+                    E::to_acc_slice(&out[at.clone()], &mut orow);
+                    E::to_acc_slice(&dout[at], &mut drow);
+                    delta[r] = orow.iter().zip(&drow).fold(E::Acc::ZERO, |a, (&x, &y)| a + x * y);
+                    lse2[r] = lse[row0 + r * h] * log2e;
+                }
+                gq.fill(E::Acc::ZERO);
+                for g in 0..=p1 / bs {
+                    let start = g * bs;
+                    let nk = bs.min(tk - start);
+                    let kview = View {
+                        base: kv_row(b, start, kvh) * hd,
+                        rs: d.kv_heads * hd,
+                        rows: nk,
+                        cols: hd,
+                    };
+                    let vview = View {
+                        base: kv_row(b, start, kvh) * hv,
+                        rs: d.kv_heads * hv,
+                        rows: nk,
+                        cols: hv,
+                    };
+                    pack_transposed(k, kview, c, &mut kt);
+                    pack_transposed(v, vview, E::Acc::ONE, &mut vt);
+                    let kps = pack_cols(k, kview, E::Acc::ONE, &mut kc);
+                    let scores = |a: &[E::Acc], rsa: usize, kk: usize, b: &[E::Acc], out: &mut [E::Acc]| {
+                        let gd = GemmDims {
+                            m: bq,
+                            npanels: panels(nk),
+                            k: kk,
+                            rsa,
+                            csa: 1,
+                            bps: kk * NR,
+                            ldc: kpad,
+                            accumulate: false,
+                        };
+                        gemm(level, &gd, a, b, out);
+                    };
+                    scores(qa, rsq, hd, &kt, &mut s);
+                    scores(da, rsd, hv, &vt, &mut e);
+                    for r in 0..bq {
+                        let p = p0 + r;
+                        let qb = p / bs;
+                        let a = &mut s[r * kpad..][..nk];
+                        let ds = &mut e[r * kpad..][..nk];
+                        if g < qb {
+                            let gate = E::Acc::exp2(a[bs - 1] - lse2[r]);
+                            let inner = &mut a[..bs - 1];
+                            let mi = E::Acc::row_max(level, inner);
+                            let mi = if mi == E::Acc::NEG_INFINITY { E::Acc::ZERO } else { mi };
+                            let l = E::Acc::exp2_sub_sum(level, inner, mi);
+                            E::Acc::scale(level, inner, E::Acc::ONE / l); // in-block weights w
+                            let wdot = inner.iter().zip(&ds[..bs - 1]).fold(E::Acc::ZERO, |t, (&w, &x)| t + w * x);
+                            E::Acc::scale(level, inner, gate);
+                            for j in 0..bs - 1 {
+                                ds[j] = a[j] * (ds[j] - wdot);
+                            }
+                            ds[bs - 1] = gate * (wdot - delta[r]);
+                            a[bs - 1] = E::Acc::ZERO;
+                        } else if g == qb {
+                            let (_, n) = own_block(p, bs);
+                            for j in 0..n {
+                                a[j] = E::Acc::exp2(a[j] - lse2[r]);
+                                ds[j] = a[j] * (ds[j] - delta[r]);
+                            }
+                            a[n..].fill(E::Acc::ZERO);
+                            ds[n..].fill(E::Acc::ZERO);
+                        } else {
+                            a.fill(E::Acc::ZERO);
+                            ds.fill(E::Acc::ZERO);
+                        }
+                    }
+                    // dV_g += Aᵀ·dO and dK_g += dSᵀ·Q (scaled once at the end)
+                    let transposed = |a: &[E::Acc], b: &[E::Acc], bps: usize, width: usize, ld: usize, c: &mut [E::Acc]| {
+                        let gd = GemmDims {
+                            m: nk,
+                            npanels: panels(width),
+                            k: bq,
+                            rsa: 1,
+                            csa: kpad,
+                            bps,
+                            ldc: ld,
+                            accumulate: true,
+                        };
+                        gemm(level, &gd, a, b, &mut c[start * ld..]);
+                    };
+                    transposed(&s, &dc, dps, hv, vpad, &mut gv);
+                    transposed(&e, &qc, qps, hd, hpad, &mut gk);
+                    // dQ += dS·K_g
+                    let qd = GemmDims {
+                        m: bq,
+                        npanels: panels(hd),
+                        k: nk,
+                        rsa: kpad,
+                        csa: 1,
+                        bps: kps,
+                        ldc: hpad,
+                        accumulate: true,
+                    };
+                    gemm(level, &qd, &e, &kc, &mut gq);
+                }
+                for r in 0..bq {
+                    let row = &mut gq[r * hpad..][..hd];
+                    E::Acc::scale(level, row, sc);
+                    // SAFETY: query row (b, i0 + r, hh) belongs to this task's kv head alone.
+                    unsafe { E::from_acc_slice(row, dqp.slice((row0 + r * h) * hd, hd)) };
+                }
+            }
+        }
+        for t in 0..tk {
+            let row = kv_row(b, t, kvh);
+            let gkr = &mut gk[t * hpad..][..hd];
+            E::Acc::scale(level, gkr, sc);
+            // SAFETY: key rows of (b, kvh) belong to this task alone.
+            unsafe {
+                E::from_acc_slice(gkr, dkp.slice(row * hd, hd));
+                E::from_acc_slice(&gv[t * vpad..][..hv], dvp.slice(row * hv, hv));
+            }
+        }
+    });
+}
