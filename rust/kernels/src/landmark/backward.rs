@@ -57,7 +57,25 @@ pub(super) fn backward<E: Element>(
         let (mut gk, mut gv) = (zeroed::<E::Acc>(tk * hpad), zeroed::<E::Acc>(tk * vpad));
         let (mut s, mut e) = (zeroed::<E::Acc>(BQ * kpad), zeroed::<E::Acc>(BQ * kpad));
         let mut gq = zeroed::<E::Acc>(BQ * hpad);
-        let (mut kt, mut vt, mut kc) = (Vec::new(), Vec::new(), Vec::new());
+        // Every key block packed once for the task: c·Kᵀ (scores), Vᵀ (dO·Vᵀ) and K column
+        // panels with their stride (dQ += dS·K).
+        let n_blocks = tk.div_ceil(bs);
+        let mut packed: Vec<(Vec<E::Acc>, Vec<E::Acc>, Vec<E::Acc>, usize)> = Vec::with_capacity(n_blocks);
+        for g in 0..n_blocks {
+            let start = g * bs;
+            let nk = bs.min(tk - start);
+            let view = |width| View {
+                base: kv_row(b, start, kvh) * width,
+                rs: d.kv_heads * width,
+                rows: nk,
+                cols: width,
+            };
+            let (mut kt, mut vt, mut kc) = (Vec::new(), Vec::new(), Vec::new());
+            pack_transposed(k, view(hd), c, &mut kt);
+            pack_transposed(v, view(hv), E::Acc::ONE, &mut vt);
+            let kps = pack_cols(k, view(hd), E::Acc::ONE, &mut kc);
+            packed.push((kt, vt, kc, kps));
+        }
         let (mut qtmp, mut dtmp, mut qc, mut dc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut orow, mut drow) = (zeroed::<E::Acc>(hv), zeroed::<E::Acc>(hv));
         let (mut lse2, mut delta) = (zeroed::<E::Acc>(BQ), zeroed::<E::Acc>(BQ));
@@ -94,21 +112,7 @@ pub(super) fn backward<E: Element>(
                 for g in 0..=p1 / bs {
                     let start = g * bs;
                     let nk = bs.min(tk - start);
-                    let kview = View {
-                        base: kv_row(b, start, kvh) * hd,
-                        rs: d.kv_heads * hd,
-                        rows: nk,
-                        cols: hd,
-                    };
-                    let vview = View {
-                        base: kv_row(b, start, kvh) * hv,
-                        rs: d.kv_heads * hv,
-                        rows: nk,
-                        cols: hv,
-                    };
-                    pack_transposed(k, kview, c, &mut kt);
-                    pack_transposed(v, vview, E::Acc::ONE, &mut vt);
-                    let kps = pack_cols(k, kview, E::Acc::ONE, &mut kc);
+                    let (kt, vt, kc, kps) = &packed[g];
                     let scores = |a: &[E::Acc], rsa: usize, kk: usize, b: &[E::Acc], out: &mut [E::Acc]| {
                         let gd = GemmDims {
                             m: bq,
@@ -122,8 +126,8 @@ pub(super) fn backward<E: Element>(
                         };
                         gemm(level, &gd, a, b, out);
                     };
-                    scores(qa, rsq, hd, &kt, &mut s);
-                    scores(da, rsd, hv, &vt, &mut e);
+                    scores(qa, rsq, hd, kt, &mut s);
+                    scores(da, rsd, hv, vt, &mut e);
                     for r in 0..bq {
                         let p = p0 + r;
                         let qb = p / bs;
@@ -179,11 +183,11 @@ pub(super) fn backward<E: Element>(
                         k: nk,
                         rsa: kpad,
                         csa: 1,
-                        bps: kps,
+                        bps: *kps,
                         ldc: hpad,
                         accumulate: true,
                     };
-                    gemm(level, &qd, &e, &kc, &mut gq);
+                    gemm(level, &qd, &e, kc, &mut gq);
                 }
                 for r in 0..bq {
                     let row = &mut gq[r * hpad..][..hd];

@@ -26,8 +26,10 @@ const BQ: usize = 48;
 
 #[derive(Default)]
 struct Scratch<T> {
-    kt: Vec<T>,
-    v: Vec<T>,
+    /// Per key block: `c·Kᵀ` panels, and V column panels with their panel stride. Packed
+    /// once per task, read by every query tile.
+    kt: Vec<Vec<T>>,
+    v: Vec<(Vec<T>, usize)>,
     q: Vec<T>,
     s: Vec<T>,
     acc: Vec<T>,
@@ -92,6 +94,25 @@ pub(super) fn forward<E: Element>(
                 let (t0, t1) = (tiles * ch / n_chunks, tiles * (ch + 1) / n_chunks);
                 fit(&mut sc.s, BQ * kpad);
                 fit(&mut sc.acc, BQ * vpad);
+                if t0 == t1 {
+                    return;
+                }
+                let blocks = (shift + (t1 * BQ).min(d.q_len) - 1) / bs + 1;
+                sc.kt.resize_with(blocks.max(sc.kt.len()), Vec::new);
+                sc.v.resize_with(blocks.max(sc.v.len()), Default::default);
+                for g in 0..blocks {
+                    let start = g * bs;
+                    let nk = bs.min(d.kv_len - start);
+                    let view = |width| View {
+                        base: kv_row(b, start, kvh) * width,
+                        rs: d.kv_heads * width,
+                        rows: nk,
+                        cols: width,
+                    };
+                    pack_transposed(k, view(hd), c, &mut sc.kt[g]);
+                    let (vp, vps) = &mut sc.v[g];
+                    *vps = pack_cols(v, view(hv), E::Acc::ONE, vp);
+                }
                 for tile in t0..t1 {
                     let i0 = tile * BQ;
                     let bq = BQ.min(d.q_len - i0);
@@ -110,20 +131,6 @@ pub(super) fn forward<E: Element>(
                     for g in 0..=p1 / bs {
                         let start = g * bs;
                         let nk = bs.min(d.kv_len - start);
-                        let kview = View {
-                            base: kv_row(b, start, kvh) * hd,
-                            rs: d.kv_heads * hd,
-                            rows: nk,
-                            cols: hd,
-                        };
-                        pack_transposed(k, kview, c, &mut sc.kt);
-                        let vview = View {
-                            base: kv_row(b, start, kvh) * hv,
-                            rs: d.kv_heads * hv,
-                            rows: nk,
-                            cols: hv,
-                        };
-                        let vps = pack_cols(v, vview, E::Acc::ONE, &mut sc.v);
                         let sd = GemmDims {
                             m: bq,
                             npanels: panels(nk),
@@ -134,7 +141,7 @@ pub(super) fn forward<E: Element>(
                             ldc: kpad,
                             accumulate: false,
                         };
-                        gemm(level, &sd, qa, &sc.kt, &mut sc.s);
+                        gemm(level, &sd, qa, &sc.kt[g], &mut sc.s);
                         for r in 0..bq {
                             let p = p0 + r;
                             let row = &mut sc.s[r * kpad..][..nk];
@@ -169,11 +176,11 @@ pub(super) fn forward<E: Element>(
                             k: nk,
                             rsa: kpad,
                             csa: 1,
-                            bps: vps,
+                            bps: sc.v[g].1,
                             ldc: vpad,
                             accumulate: true,
                         };
-                        gemm(level, &od, &sc.s, &sc.v, &mut sc.acc);
+                        gemm(level, &od, &sc.s, &sc.v[g].0, &mut sc.acc);
                     }
                     for r in 0..bq {
                         let (m, z) = (sc.m[r], sc.z[r]);
