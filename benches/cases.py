@@ -501,6 +501,51 @@ def hilo_cases(shapes=None, dtype=torch.float32) -> list[Case]:
     return cases
 
 
+# --- landmark attention ----------------------------------------------------------------------
+
+LANDMARK_BLOCK = 64
+# The eager grouped softmax keeps several [B, H, T, T] tensors alive (2 GiB each at T=8192).
+_LANDMARK_EAGER_MAX_T = 4096
+
+
+def landmark_cases(ts=(2048, 8192), b=1, h=8, d=64, dtype=torch.float32) -> list[Case]:
+    """Landmark attention's training form (block 64) vs the eager grouped softmax as the
+    original writes it (``fastattn.reference``), fastattn's own causal attention and causal
+    SDPA on the same shape (the dense baselines it is measured against)."""
+    from fastattn.reference import landmark_attention as eager
+
+    cases = []
+    for t in ts:
+        q, k, v = (torch.randn(b, t, h, d, dtype=dtype) for _ in range(3))
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+        def ours(q, k, v):
+            return fastattn.landmark_attention(q, k, v, LANDMARK_BLOCK)
+
+        def plain(q, k, v):
+            return eager(q, k, v, LANDMARK_BLOCK)
+
+        def causal(q, k, v):
+            return fastattn.attention(q, k, v, is_causal=True)
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        # the causal score and value products, as for causal dense attention
+        flops = 2.0 * b * h * t * t * d
+        case = Case("landmark", f"B{b} H{h} T{t} D{d} block{LANDMARK_BLOCK}", flops, 2.5, series="landmark")
+        case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v: ours(q, k, v), _grad_of(ours, (q, k, v)))
+        if t <= _LANDMARK_EAGER_MAX_T:
+            case.impls["eager_grouped"] = Impl(lambda q=q, k=k, v=v: plain(q, k, v), _grad_of(plain, (q, k, v)))
+        else:
+            case.impls["eager_grouped"] = Impl(
+                None, skip={x: f"memory: [B, H, T, T] scores above T={_LANDMARK_EAGER_MAX_T}" for x in ("fwd", "bwd")})
+        case.impls["fastattn_causal"] = Impl(lambda q=q, k=k, v=v: causal(q, k, v), _grad_of(causal, (q, k, v)))
+        case.impls["torch_sdpa_causal"] = Impl(lambda q=qh, k=kh, v=vh: sdpa(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+        cases.append(case)
+    return cases
+
+
 FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "attention": attention_cases,
     "neighborhood": neighborhood_cases,
@@ -508,6 +553,12 @@ FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "flow": flow_cases,
     "hilo": hilo_cases,
 }
+
+# Families the default run leaves out (its time budget), run with ``--family NAME``.
+OPT_IN: dict[str, Callable[..., list[Case]]] = {
+    "landmark": landmark_cases,
+}
+ALL_FAMILIES = {**FAMILIES, **OPT_IN}
 
 # ``--quick``: every family at small shapes (smaller than its first default one), so the whole
 # table runs in under a minute on 2 cores.
@@ -517,4 +568,5 @@ QUICK: dict[str, dict] = {
     "linear": {"ts": (512,)},
     "flow": {"ts": (512,)},
     "hilo": {"shapes": [(8, 14, 14, 192, 6)]},
+    "landmark": {"ts": (1024,)},
 }

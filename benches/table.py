@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import fastattn  # noqa: E402
 import overhead  # noqa: E402
 import results  # noqa: E402
-from cases import FAMILIES, QUICK  # noqa: E402
+from cases import ALL_FAMILIES, FAMILIES, QUICK  # noqa: E402
 from peak import REMEASURE_TRIES, PeakTracker, start_of_run  # noqa: E402
 from timing import DISAGREE, Progress, SideFailed, SideTiming, disagreement, interleaved, matmul_gflops  # noqa: E402
 
@@ -154,7 +154,7 @@ def run(args) -> list[dict]:
     predictor = Predictor()
     progress = Progress(enabled=sys.stdout.isatty())
     for fam in args.family or list(FAMILIES):
-        for case in FAMILIES[fam](**(QUICK[fam] if args.quick else {})):
+        for case in ALL_FAMILIES[fam](**(QUICK[fam] if args.quick else {})):
             for direction in ("fwd", "bwd"):
                 row = time_row(case, direction, args, predictor, progress)
                 if row is not None:
@@ -233,7 +233,8 @@ def _child(args, fam: str, out: str) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="threads for torch and fastattn (default 2)")
-    p.add_argument("--family", action="append", choices=list(FAMILIES), help="limit to a family (repeatable)")
+    p.add_argument("--family", action="append", choices=list(ALL_FAMILIES),
+                   help=f"limit to a family (repeatable); opt-in, not in the default run: {', '.join(sorted(set(ALL_FAMILIES) - set(FAMILIES)))}")
     p.add_argument("--quick", action="store_true", help="every family's small shapes only (under a minute)")
     p.add_argument("--full", action="store_true",
                    help="exhaustive run: every call best-of-N, no time budget (takes several times longer)")
