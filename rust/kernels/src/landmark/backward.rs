@@ -9,7 +9,8 @@
 //! * later block: 0.
 //!
 //! then `dV_g += Aᵀ·dO`, `dK_g += dSᵀ·Q` and `dQ += dS·K_g`. A task owns one (batch entry,
-//! kv head): its keys' gradients stay in its buffers, nothing is summed across threads.
+//! kv head), or with few kv heads a chunk of one's query tiles; chunks' key gradients are
+//! summed in a fixed order afterwards, so results do not depend on scheduling.
 
 use super::LandmarkDims;
 use super::own_block;
@@ -52,8 +53,51 @@ pub(super) fn backward<E: Element>(
     let dkp = SharedMut(dk.as_mut_ptr());
     let dvp = SharedMut(dv.as_mut_ptr());
     let kv_row = |b: usize, t: usize, kvh: usize| (b * tk + t) * d.kv_heads + kvh;
-    (0..d.batch * d.kv_heads).into_par_iter().with_max_len(1).for_each(|task| {
-        let (b, kvh) = (task / d.kv_heads, task % d.kv_heads);
+    // A kv head's work: (query head, tile) units, each costing the blocks its tile reaches.
+    let tiles = d.q_len.div_ceil(BQ);
+    let units = group * tiles;
+    let cost = |u: usize| (shift + (u % tiles * BQ + BQ).min(d.q_len) - 1) / bs + 1;
+    let total: usize = (0..units).map(cost).sum();
+    // Few kv heads (MQA at batch 1): split their units into chunks of equal cost, each with
+    // its own dK/dV, summed in chunk order after (deterministic).
+    let n_chunks = (2 * rayon::current_num_threads())
+        .div_ceil(d.batch * d.kv_heads)
+        .clamp(1, units.max(1));
+    let bounds: Vec<usize> = {
+        let (mut out, mut acc, mut next) = (vec![0], 0, 1);
+        for u in 0..units {
+            acc += cost(u);
+            if next < n_chunks && acc * n_chunks >= total * next {
+                out.push(u + 1);
+                next += 1;
+            }
+        }
+        while out.len() <= n_chunks {
+            out.push(units);
+        }
+        out
+    };
+    // Writes one kv head's finished dK (scaled here) and dV.
+    let store = |b: usize, kvh: usize, gk: &mut [E::Acc], gv: &[E::Acc]| {
+        for t in 0..tk {
+            let row = kv_row(b, t, kvh);
+            let gkr = &mut gk[t * hpad..][..hd];
+            E::Acc::scale(level, gkr, sc);
+            // SAFETY: key rows of (b, kvh) are written by one task alone.
+            unsafe {
+                E::from_acc_slice(gkr, dkp.slice(row * hd, hd));
+                E::from_acc_slice(&gv[t * vpad..][..hv], dvp.slice(row * hv, hv));
+            }
+        }
+    };
+    let partials: Vec<std::sync::Mutex<(Vec<E::Acc>, Vec<E::Acc>)>> = if n_chunks > 1 {
+        (0..d.batch * d.kv_heads * n_chunks).map(|_| Default::default()).collect()
+    } else {
+        Vec::new()
+    };
+    (0..d.batch * d.kv_heads * n_chunks).into_par_iter().with_max_len(1).for_each(|task| {
+        let (bk, chunk) = (task / n_chunks, task % n_chunks);
+        let (b, kvh) = (bk / d.kv_heads, bk % d.kv_heads);
         let (mut gk, mut gv) = (zeroed::<E::Acc>(tk * hpad), zeroed::<E::Acc>(tk * vpad));
         let (mut s, mut e) = (zeroed::<E::Acc>(BQ * kpad), zeroed::<E::Acc>(BQ * kpad));
         let mut gq = zeroed::<E::Acc>(BQ * hpad);
@@ -79,8 +123,9 @@ pub(super) fn backward<E: Element>(
         let (mut qtmp, mut dtmp, mut qc, mut dc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut orow, mut drow) = (zeroed::<E::Acc>(hv), zeroed::<E::Acc>(hv));
         let (mut lse2, mut delta) = (zeroed::<E::Acc>(BQ), zeroed::<E::Acc>(BQ));
-        for hh in kvh * group..(kvh + 1) * group {
-            for i0 in (0..d.q_len).step_by(BQ) {
+        for unit in bounds[chunk]..bounds[chunk + 1] {
+            let (hh, i0) = (kvh * group + unit / tiles, unit % tiles * BQ);
+            {
                 let bq = BQ.min(d.q_len - i0);
                 let (p0, p1) = (shift + i0, shift + i0 + bq - 1);
                 let row0 = (b * d.q_len + i0) * h + hh;
@@ -197,15 +242,22 @@ pub(super) fn backward<E: Element>(
                 }
             }
         }
-        for t in 0..tk {
-            let row = kv_row(b, t, kvh);
-            let gkr = &mut gk[t * hpad..][..hd];
-            E::Acc::scale(level, gkr, sc);
-            // SAFETY: key rows of (b, kvh) belong to this task alone.
-            unsafe {
-                E::from_acc_slice(gkr, dkp.slice(row * hd, hd));
-                E::from_acc_slice(&gv[t * vpad..][..hv], dvp.slice(row * hv, hv));
-            }
+        if n_chunks > 1 {
+            *partials[task].lock().unwrap_or_else(|e| e.into_inner()) = (gk, gv);
+        } else {
+            store(b, kvh, &mut gk, &gv);
         }
     });
+    if n_chunks > 1 {
+        (0..d.batch * d.kv_heads).into_par_iter().for_each(|bk| {
+            let take = |c: usize| std::mem::take(&mut *partials[bk * n_chunks + c].lock().unwrap_or_else(|e| e.into_inner()));
+            let (mut gk, mut gv) = take(0);
+            for c in 1..n_chunks {
+                let (pk, pv) = take(c);
+                gk.iter_mut().zip(&pk).for_each(|(a, &x)| *a += x);
+                gv.iter_mut().zip(&pv).for_each(|(a, &x)| *a += x);
+            }
+            store(bk / d.kv_heads, bk % d.kv_heads, &mut gk, &gv);
+        });
+    }
 }
