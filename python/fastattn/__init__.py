@@ -13,7 +13,7 @@ from ._native import measure_fma_peak, num_threads, release_memory, set_simd_lev
 from .attention import AttentionFunction, attention
 from .flow import FlowAttentionFunction, flow_attention
 from .hilo import HiLoAttentionFunction, hilo_attention
-from .landmark import LandmarkAttentionFunction, landmark_attention
+from .landmark import LandmarkAttentionFunction, landmark_attention, landmark_retrieval_attention
 from .linear import LinearAttentionFunction, linear_attention
 from .neighborhood import NeighborhoodAttentionFunction, na1d, na2d, na3d, neighborhood_attention
 from . import nn  # noqa: E402  (after the ops it wraps)
@@ -29,6 +29,7 @@ __all__ = [
     "HiLoAttentionFunction",
     "landmark_attention",
     "LandmarkAttentionFunction",
+    "landmark_retrieval_attention",
     "linear_attention",
     "LinearAttentionFunction",
     "na1d",

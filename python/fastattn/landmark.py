@@ -19,7 +19,8 @@ from . import _checks
 from ._native import lib, num_threads
 from ._torch import acc_dtype, buf, check_tensors, direct, dtype_name, no_cuda_kernel
 
-__all__ = ["landmark_attention", "LandmarkAttentionFunction", "fused_landmark_attention"]
+__all__ = ["landmark_attention", "LandmarkAttentionFunction", "fused_landmark_attention",
+           "landmark_retrieval_attention"]
 
 
 def check_block_size(block_size) -> int:
@@ -186,3 +187,113 @@ def fused_landmark_attention(q: Tensor, k: Tensor, v: Tensor, is_mem: Tensor, sm
             )
     out = landmark_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_size, sm_scale)
     return out.transpose(1, 2)
+
+
+# --- retrieval (inference) -------------------------------------------------------------------
+
+SELECTIONS = ("per_token_and_head", "max_over_heads", "max_over_tokens")
+
+
+def _retrieval_args(q, k_cache, v_cache, block_size, top_k, scale, selection, return_indices):
+    check_tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    b, tq, tk, hq, hkv, d, dv = _checks.attention_dims(q.shape, k_cache.shape, v_cache.shape,
+                                                       ("q", "k_cache", "v_cache"))
+    if hq == 0 or hkv == 0 or d == 0 or dv == 0:
+        raise ValueError(f"head counts and dims must be positive, got q {tuple(q.shape)}, v_cache {tuple(v_cache.shape)}")
+    if tq > tk:
+        raise ValueError(f"q has more positions ({tq}) than k_cache ({tk}): the queries are the cache's last positions")
+    check_block_size(block_size)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    _checks.check_bool("return_indices", return_indices)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise RuntimeError("landmark_retrieval_attention is inference only (no backward): call it under "
+                           "torch.no_grad() or with inputs that do not require grad")
+    return _checks.check_scale(scale, d ** -0.5), (b, tq, tk, hq, hkv, d, dv)
+
+
+def landmark_retrieval_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_size: int, top_k: int,
+                                 scale: float | None = None, selection: str = "per_token_and_head",
+                                 return_indices: bool = False):
+    """Landmark attention for inference (docs/landmark.md, Retrieval): each query keeps the
+    ``top_k`` earlier complete blocks ranked best by its landmark probabilities and attends,
+    with the training form's grouped softmax, to its own causal context plus those blocks.
+
+    Args:
+        q: ``[B, Tq, H, D]``, the cache's last ``Tq`` positions (``Tq = 1`` for decode).
+        k_cache: ``[B, Tk, H_kv, D]``; v_cache: ``[B, Tk, H_kv, Dv]`` (complete blocks and a tail).
+        block_size: tokens per block, landmark included (≥ 2).
+        top_k: blocks kept per query (≥ 0; all candidates when it has fewer).
+        scale: default ``D ** -0.5``.
+        selection: ``"per_token_and_head"``, ``"max_over_heads"`` or ``"max_over_tokens"``.
+        return_indices: also return the kept blocks ``[B, H, Tq, top_k]`` (int64, best first,
+            ``-1`` for unused slots).
+
+    Work per query: its landmark scores (one per complete block), then ``top_k`` blocks and its
+    own block, never the whole cache. Forward only: a ``RuntimeError`` if a gradient is needed.
+    """
+    scale, (b, tq, tk, hq, hkv, d, dv) = _retrieval_args(q, k_cache, v_cache, block_size, top_k, scale,
+                                                         selection, return_indices)
+    bs, group, dev = block_size, hq // hkv, q.device
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qa = q.to(acc)
+    pos = torch.arange(tk - tq, tk, device=dev)  # [Tq]
+    qblock = pos // bs
+    n_blocks = tk // bs  # complete blocks: each has its landmark in the cache
+    kv_head = torch.arange(hq, device=dev) // group  # [H]
+
+    # Landmark scores and the candidates' softmax probabilities: [B, H, Tq, G]
+    land = k_cache[:, bs - 1:n_blocks * bs:bs].to(acc)  # [B, G, H_kv, D]
+    gate = torch.einsum("bihd,bghd->bhig", qa, land[:, :, kv_head]) * scale
+    cand = torch.arange(n_blocks, device=dev)[None, :] < qblock[:, None]  # [Tq, G]
+    gate = gate.masked_fill(~cand, float("-inf"))
+    probs = torch.softmax(gate, dim=-1).nan_to_num(0.0) if n_blocks else gate
+    if selection == "max_over_heads":
+        rank_by = probs.amax(dim=1, keepdim=True).expand_as(probs)
+    elif selection == "max_over_tokens":
+        rank_by = probs.masked_fill(~cand, float("-inf")).amax(dim=2, keepdim=True).expand_as(probs)
+    else:
+        rank_by = probs
+    kk = min(top_k, n_blocks)
+    rank_by = rank_by.masked_fill(~cand, float("-inf"))
+    order = torch.sort(rank_by, dim=-1, descending=True, stable=True).indices[..., :kk]  # [B, H, Tq, kk]
+    valid = torch.gather(cand.expand(b, hq, tq, n_blocks), -1, order) if kk else order.bool()
+    idx = order.masked_fill(~valid, -1)
+
+    # Kept blocks: each one item of the softmax, its value the in-block average.
+    def block_rows(src, width):
+        """src rows of the kept blocks: [B, H, Tq, kk, bs, width] (invalid slots read block 0)."""
+        blocks = src[:, :n_blocks * bs].reshape(b, n_blocks, bs, hkv, width)
+        bi = torch.arange(b, device=dev)[:, None, None, None]
+        return blocks[bi, order.clamp(min=0), :, kv_head[None, :, None, None]].to(acc)
+
+    items, values = [], []
+    if kk:
+        kb, vb = block_rows(k_cache, d), block_rows(v_cache, dv)
+        inner = torch.einsum("bhid,bhiksd->bhiks", qa.transpose(1, 2), kb[..., :bs - 1, :]) * scale
+        avg = torch.einsum("bhiks,bhiksd->bhikd", torch.softmax(inner, dim=-1), vb[..., :bs - 1, :])
+        items.append(torch.gather(gate, -1, order).masked_fill(~valid, float("-inf")))
+        values.append(avg)
+    # Own context: the regular tokens of the query's block up to the query.
+    start = qblock * bs
+    own_pos = start[:, None] + torch.arange(bs, device=dev)[None, :]  # [Tq, bs]
+    own_ok = (own_pos <= pos[:, None]) & (own_pos % bs != bs - 1)
+    own_pos = own_pos.clamp(max=tk - 1)
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ko = k_cache[bi, own_pos[None, None], kv_head[None, :, None, None]].to(acc)  # [B, H, Tq, bs, D]
+    vo = v_cache[bi, own_pos[None, None], kv_head[None, :, None, None]].to(acc)
+    own = torch.einsum("bhid,bhisd->bhis", qa.transpose(1, 2), ko) * scale
+    items.append(own.masked_fill(~own_ok, float("-inf")))
+    values.append(vo)
+    z = torch.logsumexp(torch.cat(items, dim=-1), dim=-1, keepdim=True)  # [B, H, Tq, 1]
+    out = sum(torch.einsum("bhin,bhind->bhid", torch.exp(it - z), val) for it, val in zip(items, values))
+    out = out.transpose(1, 2).to(q.dtype).contiguous()  # [B, Tq, H, Dv]
+    if not return_indices:
+        return out
+    if kk < top_k:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:3], top_k - kk), -1)], dim=-1)
+    return out, idx
