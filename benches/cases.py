@@ -543,7 +543,39 @@ def landmark_cases(ts=(2048, 8192), b=1, h=8, d=64, dtype=torch.float32) -> list
         case.impls["fastattn_causal"] = Impl(lambda q=q, k=k, v=v: causal(q, k, v), _grad_of(causal, (q, k, v)))
         case.impls["torch_sdpa_causal"] = Impl(lambda q=qh, k=kh, v=vh: sdpa(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
         cases.append(case)
-    return cases
+    return cases + landmark_decode_cases(**({"cache": 4096} if min(ts) < 2048 else {}))
+
+
+def landmark_decode_cases(cache=32768, b=1, h=32, d=128, top_k=4, dtype=torch.float32) -> list[Case]:
+    """One decode token with landmark retrieval (top_k blocks of 64) vs SDPA over the whole
+    cache and the eager retrieval (``fastattn.reference``, which scores every cached token);
+    forward only (inference)."""
+    from fastattn.reference import landmark_retrieval_attention as eager
+
+    q = torch.randn(b, 1, h, d, dtype=dtype)
+    k, v = (torch.randn(b, cache, h, d, dtype=dtype) for _ in range(2))
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+    def ours():
+        with torch.no_grad():
+            return fastattn.landmark_retrieval_attention(q, k, v, LANDMARK_BLOCK, top_k)
+
+    def plain():
+        with torch.no_grad():
+            return eager(q, k, v, LANDMARK_BLOCK, top_k)
+
+    def sdpa():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(qh, kh, vh)
+
+    # retrieval's own work: a score per landmark, then the kept blocks and the own block
+    flops = 2.0 * b * h * (cache // LANDMARK_BLOCK) * d + 4.0 * b * h * (top_k + 1) * LANDMARK_BLOCK * d
+    case = Case("landmark", f"decode B{b} H{h} cache{cache} D{d} top{top_k}", flops, 1.0, series="landmark decode")
+    no_bwd = {"bwd": "inference only"}
+    case.impls["fastattn"] = Impl(ours, skip=no_bwd)
+    case.impls["eager_retrieval"] = Impl(plain, skip=no_bwd)
+    case.impls["torch_sdpa_full_cache"] = Impl(sdpa, skip=no_bwd)
+    return [case]
 
 
 FAMILIES: dict[str, Callable[..., list[Case]]] = {
