@@ -7,7 +7,8 @@
 //! block's landmark. Both kinds of item share one softmax, so a row streams block by block
 //! with an online softmax in which an earlier block is a single item (logit: the landmark
 //! score; value: the block's in-block average) and the own block's tokens are items of their
-//! own. Memory is O(block + head dims) per row beyond the inputs and outputs; the backward
+//! own. Beyond the inputs and outputs, memory is a tile's block of scores plus each task's
+//! packed keys and values (and, backward, its kv head's key gradients); the backward
 //! recomputes every score from the saved log-sum-exp.
 //!
 //! Both directions run a tile of queries against one key block at a time as GEMMs
