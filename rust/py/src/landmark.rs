@@ -9,7 +9,9 @@ use pyo3::prelude::*;
 /// `(batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim, block)`
 type Dims = (usize, usize, usize, usize, usize, usize, usize, usize);
 
-fn dims((batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim, block): Dims) -> LandmarkDims {
+fn dims(
+    (batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim, block): Dims,
+) -> LandmarkDims {
     LandmarkDims {
         batch,
         q_len,
@@ -24,7 +26,13 @@ fn dims((batch, q_len, kv_len, q_heads, kv_heads, head_dim, v_head_dim, block): 
 
 /// Estimated FLOPs of a forward (decides whether the call runs inline).
 fn work(d: &LandmarkDims) -> f64 {
-    flops(&[d.batch, d.q_len, d.kv_len, d.q_heads, d.head_dim + d.v_head_dim])
+    flops(&[
+        d.batch,
+        d.q_len,
+        d.kv_len,
+        d.q_heads,
+        d.head_dim + d.v_head_dim,
+    ])
 }
 
 #[pyfunction]

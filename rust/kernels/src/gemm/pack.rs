@@ -90,7 +90,11 @@ pub fn pack_rows<E: Element>(src: &[E], v: View, scale: E::Acc, out: &mut Vec<E:
 /// A matrix of `rows × cols` accumulation values read as a GEMM `A` operand: in place when
 /// the storage type is the accumulation type, else converted into `tmp`. Returns the slice
 /// starting at the view's first element and its row stride.
-pub fn rows_of<'a, E: Element>(src: &'a [E], v: View, tmp: &'a mut Vec<E::Acc>) -> (&'a [E::Acc], usize) {
+pub fn rows_of<'a, E: Element>(
+    src: &'a [E],
+    v: View,
+    tmp: &'a mut Vec<E::Acc>,
+) -> (&'a [E::Acc], usize) {
     match E::as_acc_slice(src) {
         Some(s) => (&s[v.base..], v.rs),
         None => {
@@ -99,4 +103,3 @@ pub fn rows_of<'a, E: Element>(src: &'a [E], v: View, tmp: &'a mut Vec<E::Acc>) 
         }
     }
 }
-

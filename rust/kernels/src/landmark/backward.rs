@@ -12,8 +12,7 @@
 //! kv head), or with few kv heads a chunk of one's query tiles; chunks' key gradients are
 //! summed in a fixed order afterwards, so results do not depend on scheduling.
 
-use super::LandmarkDims;
-use super::own_block;
+use super::{own_block, LandmarkDims, BQ};
 use crate::element::{Acc, Element};
 use crate::gemm::pack::{pack_cols, pack_transposed, rows_of, View};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
@@ -21,8 +20,6 @@ use crate::linear::SharedMut;
 use crate::simd::math::VecMath;
 use crate::simd::Level;
 use rayon::prelude::*;
-
-const BQ: usize = 48;
 
 fn zeroed<T: Acc>(n: usize) -> Vec<T> {
     vec![T::ZERO; n]
@@ -91,41 +88,47 @@ pub(super) fn backward<E: Element>(
         }
     };
     let partials: Vec<std::sync::Mutex<(Vec<E::Acc>, Vec<E::Acc>)>> = if n_chunks > 1 {
-        (0..d.batch * d.kv_heads * n_chunks).map(|_| Default::default()).collect()
+        (0..d.batch * d.kv_heads * n_chunks)
+            .map(|_| Default::default())
+            .collect()
     } else {
         Vec::new()
     };
-    (0..d.batch * d.kv_heads * n_chunks).into_par_iter().with_max_len(1).for_each(|task| {
-        let (bk, chunk) = (task / n_chunks, task % n_chunks);
-        let (b, kvh) = (bk / d.kv_heads, bk % d.kv_heads);
-        let (mut gk, mut gv) = (zeroed::<E::Acc>(tk * hpad), zeroed::<E::Acc>(tk * vpad));
-        let (mut s, mut e) = (zeroed::<E::Acc>(BQ * kpad), zeroed::<E::Acc>(BQ * kpad));
-        let mut gq = zeroed::<E::Acc>(BQ * hpad);
-        // Every key block packed once for the task: c·Kᵀ (scores), Vᵀ (dO·Vᵀ) and K column
-        // panels with their stride (dQ += dS·K).
-        let n_blocks = tk.div_ceil(bs);
-        let mut packed: Vec<(Vec<E::Acc>, Vec<E::Acc>, Vec<E::Acc>, usize)> = Vec::with_capacity(n_blocks);
-        for g in 0..n_blocks {
-            let start = g * bs;
-            let nk = bs.min(tk - start);
-            let view = |width| View {
-                base: kv_row(b, start, kvh) * width,
-                rs: d.kv_heads * width,
-                rows: nk,
-                cols: width,
-            };
-            let (mut kt, mut vt, mut kc) = (Vec::new(), Vec::new(), Vec::new());
-            pack_transposed(k, view(hd), c, &mut kt);
-            pack_transposed(v, view(hv), E::Acc::ONE, &mut vt);
-            let kps = pack_cols(k, view(hd), E::Acc::ONE, &mut kc);
-            packed.push((kt, vt, kc, kps));
-        }
-        let (mut qtmp, mut dtmp, mut qc, mut dc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut orow, mut drow) = (zeroed::<E::Acc>(hv), zeroed::<E::Acc>(hv));
-        let (mut lse2, mut delta) = (zeroed::<E::Acc>(BQ), zeroed::<E::Acc>(BQ));
-        for unit in bounds[chunk]..bounds[chunk + 1] {
-            let (hh, i0) = (kvh * group + unit / tiles, unit % tiles * BQ);
-            {
+    (0..d.batch * d.kv_heads * n_chunks)
+        .into_par_iter()
+        .with_max_len(1)
+        .for_each(|task| {
+            let (bk, chunk) = (task / n_chunks, task % n_chunks);
+            let (b, kvh) = (bk / d.kv_heads, bk % d.kv_heads);
+            let (mut gk, mut gv) = (zeroed::<E::Acc>(tk * hpad), zeroed::<E::Acc>(tk * vpad));
+            let (mut s, mut e) = (zeroed::<E::Acc>(BQ * kpad), zeroed::<E::Acc>(BQ * kpad));
+            let mut gq = zeroed::<E::Acc>(BQ * hpad);
+            // Every key block packed once for the task: c·Kᵀ (scores), Vᵀ (dO·Vᵀ) and K column
+            // panels with their stride (dQ += dS·K).
+            let n_blocks = tk.div_ceil(bs);
+            let mut packed: Vec<(Vec<E::Acc>, Vec<E::Acc>, Vec<E::Acc>, usize)> =
+                Vec::with_capacity(n_blocks);
+            for g in 0..n_blocks {
+                let start = g * bs;
+                let nk = bs.min(tk - start);
+                let view = |width| View {
+                    base: kv_row(b, start, kvh) * width,
+                    rs: d.kv_heads * width,
+                    rows: nk,
+                    cols: width,
+                };
+                let (mut kt, mut vt, mut kc) = (Vec::new(), Vec::new(), Vec::new());
+                pack_transposed(k, view(hd), c, &mut kt);
+                pack_transposed(v, view(hv), E::Acc::ONE, &mut vt);
+                let kps = pack_cols(k, view(hd), E::Acc::ONE, &mut kc);
+                packed.push((kt, vt, kc, kps));
+            }
+            let (mut qtmp, mut dtmp, mut qc, mut dc) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut orow = zeroed::<E::Acc>(hv);
+            let (mut lse2, mut delta) = (zeroed::<E::Acc>(BQ), zeroed::<E::Acc>(BQ));
+            for unit in bounds[chunk]..bounds[chunk + 1] {
+                let (hh, i0) = (kvh * group + unit / tiles, unit % tiles * BQ);
                 let bq = BQ.min(d.q_len - i0);
                 let (p0, p1) = (shift + i0, shift + i0 + bq - 1);
                 let row0 = (b * d.q_len + i0) * h + hh;
@@ -147,10 +150,11 @@ pub(super) fn backward<E: Element>(
                 let qps = pack_cols(q, qv, E::Acc::ONE, &mut qc);
                 let dps = pack_cols(dout, ov, E::Acc::ONE, &mut dc);
                 for r in 0..bq {
-                    let at = ((row0 + r * h) * hv)..((row0 + r * h) * hv + hv);
-                    E::to_acc_slice(&out[at.clone()], &mut orow);
-                    E::to_acc_slice(&dout[at], &mut drow);
-                    delta[r] = orow.iter().zip(&drow).fold(E::Acc::ZERO, |a, (&x, &y)| a + x * y);
+                    E::to_acc_slice(&out[(row0 + r * h) * hv..][..hv], &mut orow);
+                    delta[r] = orow
+                        .iter()
+                        .zip(&da[r * rsd..][..hv])
+                        .fold(E::Acc::ZERO, |a, (&x, &y)| a + x * y);
                     lse2[r] = lse[row0 + r * h] * log2e;
                 }
                 gq.fill(E::Acc::ZERO);
@@ -158,19 +162,20 @@ pub(super) fn backward<E: Element>(
                     let start = g * bs;
                     let nk = bs.min(tk - start);
                     let (kt, vt, kc, kps) = &packed[g];
-                    let scores = |a: &[E::Acc], rsa: usize, kk: usize, b: &[E::Acc], out: &mut [E::Acc]| {
-                        let gd = GemmDims {
-                            m: bq,
-                            npanels: panels(nk),
-                            k: kk,
-                            rsa,
-                            csa: 1,
-                            bps: kk * NR,
-                            ldc: kpad,
-                            accumulate: false,
+                    let scores =
+                        |a: &[E::Acc], rsa: usize, kk: usize, b: &[E::Acc], out: &mut [E::Acc]| {
+                            let gd = GemmDims {
+                                m: bq,
+                                npanels: panels(nk),
+                                k: kk,
+                                rsa,
+                                csa: 1,
+                                bps: kk * NR,
+                                ldc: kpad,
+                                accumulate: false,
+                            };
+                            gemm(level, &gd, a, b, out);
                         };
-                        gemm(level, &gd, a, b, out);
-                    };
                     scores(qa, rsq, hd, kt, &mut s);
                     scores(da, rsd, hv, vt, &mut e);
                     for r in 0..bq {
@@ -182,10 +187,17 @@ pub(super) fn backward<E: Element>(
                             let gate = E::Acc::exp2(a[bs - 1] - lse2[r]);
                             let inner = &mut a[..bs - 1];
                             let mi = E::Acc::row_max(level, inner);
-                            let mi = if mi == E::Acc::NEG_INFINITY { E::Acc::ZERO } else { mi };
+                            let mi = if mi == E::Acc::NEG_INFINITY {
+                                E::Acc::ZERO
+                            } else {
+                                mi
+                            };
                             let l = E::Acc::exp2_sub_sum(level, inner, mi);
                             E::Acc::scale(level, inner, E::Acc::ONE / l); // in-block weights w
-                            let wdot = inner.iter().zip(&ds[..bs - 1]).fold(E::Acc::ZERO, |t, (&w, &x)| t + w * x);
+                            let wdot = inner
+                                .iter()
+                                .zip(&ds[..bs - 1])
+                                .fold(E::Acc::ZERO, |t, (&w, &x)| t + w * x);
                             E::Acc::scale(level, inner, gate);
                             for j in 0..bs - 1 {
                                 ds[j] = a[j] * (ds[j] - wdot);
@@ -206,7 +218,12 @@ pub(super) fn backward<E: Element>(
                         }
                     }
                     // dV_g += Aᵀ·dO and dK_g += dSᵀ·Q (scaled once at the end)
-                    let transposed = |a: &[E::Acc], b: &[E::Acc], bps: usize, width: usize, ld: usize, c: &mut [E::Acc]| {
+                    let transposed = |a: &[E::Acc],
+                                      b: &[E::Acc],
+                                      bps: usize,
+                                      width: usize,
+                                      ld: usize,
+                                      c: &mut [E::Acc]| {
                         let gd = GemmDims {
                             m: nk,
                             npanels: panels(width),
@@ -241,16 +258,21 @@ pub(super) fn backward<E: Element>(
                     unsafe { E::from_acc_slice(row, dqp.slice((row0 + r * h) * hd, hd)) };
                 }
             }
-        }
-        if n_chunks > 1 {
-            *partials[task].lock().unwrap_or_else(|e| e.into_inner()) = (gk, gv);
-        } else {
-            store(b, kvh, &mut gk, &gv);
-        }
-    });
+            if n_chunks > 1 {
+                *partials[task].lock().unwrap_or_else(|e| e.into_inner()) = (gk, gv);
+            } else {
+                store(b, kvh, &mut gk, &gv);
+            }
+        });
     if n_chunks > 1 {
         (0..d.batch * d.kv_heads).into_par_iter().for_each(|bk| {
-            let take = |c: usize| std::mem::take(&mut *partials[bk * n_chunks + c].lock().unwrap_or_else(|e| e.into_inner()));
+            let take = |c: usize| {
+                std::mem::take(
+                    &mut *partials[bk * n_chunks + c]
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()),
+                )
+            };
             let (mut gk, mut gv) = take(0);
             for c in 1..n_chunks {
                 let (pk, pv) = take(c);

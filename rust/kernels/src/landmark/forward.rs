@@ -11,7 +11,7 @@
 //! and `acc += U·V` is one GEMM for the tile. The running maxima rescale `acc` and the sums
 //! as in any online softmax.
 
-use super::{own_block, LandmarkDims};
+use super::{own_block, LandmarkDims, BQ};
 use crate::element::{Acc, Element};
 use crate::gemm::pack::{pack_cols, pack_transposed, rows_of, View};
 use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
@@ -20,9 +20,6 @@ use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
 use crate::simd::Level;
 use rayon::prelude::*;
-
-/// Query rows per tile (a multiple of every micro-kernel's MR).
-const BQ: usize = 48;
 
 #[derive(Default)]
 struct Scratch<T> {
@@ -46,7 +43,9 @@ fn fit<T: Acc>(v: &mut Vec<T>, n: usize) {
 fn chunks(d: &LandmarkDims) -> usize {
     let heads = (d.batch * d.q_heads).max(1);
     let tiles = d.q_len.div_ceil(BQ).max(1);
-    (4 * rayon::current_num_threads()).div_ceil(heads).clamp(1, tiles)
+    (4 * rayon::current_num_threads())
+        .div_ceil(heads)
+        .clamp(1, tiles)
 }
 
 /// Moves row `r`'s running maximum up to `m_new`, rescaling its sum and output row.
@@ -153,7 +152,11 @@ pub(super) fn forward<E: Element>(
                                 let gate = row[bs - 1];
                                 let inner = &mut row[..bs - 1];
                                 let mi = E::Acc::row_max(level, inner);
-                                let mi = if mi == E::Acc::NEG_INFINITY { E::Acc::ZERO } else { mi };
+                                let mi = if mi == E::Acc::NEG_INFINITY {
+                                    E::Acc::ZERO
+                                } else {
+                                    mi
+                                };
                                 let l = E::Acc::exp2_sub_sum(level, inner, mi);
                                 lift(level, m, z, acc, gate);
                                 let w = E::Acc::exp2(gate - *m);
@@ -163,7 +166,11 @@ pub(super) fn forward<E: Element>(
                             } else if g == qb {
                                 let (_, n) = own_block(p, bs);
                                 lift(level, m, z, acc, E::Acc::row_max(level, &row[..n]));
-                                let mm = if *m == E::Acc::NEG_INFINITY { E::Acc::ZERO } else { *m };
+                                let mm = if *m == E::Acc::NEG_INFINITY {
+                                    E::Acc::ZERO
+                                } else {
+                                    *m
+                                };
                                 *z += E::Acc::exp2_sub_sum(level, &mut row[..n], mm);
                                 row[n..].fill(E::Acc::ZERO);
                             } else {
@@ -187,7 +194,11 @@ pub(super) fn forward<E: Element>(
                         let orow = &mut sc.acc[r * vpad..][..hv];
                         E::Acc::scale(level, orow, E::Acc::ONE / z);
                         let at = (b * d.q_len + i0 + r) * h + hh;
-                        let m = if m == E::Acc::NEG_INFINITY { E::Acc::ZERO } else { m };
+                        let m = if m == E::Acc::NEG_INFINITY {
+                            E::Acc::ZERO
+                        } else {
+                            m
+                        };
                         // SAFETY: row (b, i0 + r, hh) belongs to this task alone.
                         unsafe {
                             E::from_acc_slice(orow, outp.slice(at * hv, hv));

@@ -44,7 +44,10 @@ fn check(d: &LandmarkDims) -> Result<(), KernelError> {
         return arg(format!("block_size must be at least 2, got {}", d.block));
     }
     if d.q_len > d.kv_len {
-        return arg(format!("more queries ({}) than keys ({})", d.q_len, d.kv_len));
+        return arg(format!(
+            "more queries ({}) than keys ({})",
+            d.q_len, d.kv_len
+        ));
     }
     if d.kv_heads == 0 || d.q_heads % d.kv_heads != 0 {
         return arg(format!(
@@ -53,10 +56,16 @@ fn check(d: &LandmarkDims) -> Result<(), KernelError> {
         ));
     }
     if d.head_dim == 0 || d.v_head_dim == 0 {
-        return arg(format!("head dims must be positive, got {} and {}", d.head_dim, d.v_head_dim));
+        return arg(format!(
+            "head dims must be positive, got {} and {}",
+            d.head_dim, d.v_head_dim
+        ));
     }
     Ok(())
 }
+
+/// Query rows per tile in both directions (a multiple of every micro-kernel's MR).
+const BQ: usize = 48;
 
 /// Regular tokens of the query at cache position `p` in its own block: `[start, start + n)`.
 fn own_block(p: usize, block: usize) -> (usize, usize) {
@@ -122,6 +131,19 @@ pub fn backward<E: Element>(
     if d.batch == 0 || d.kv_len == 0 || d.kv_heads == 0 {
         return Ok(());
     }
-    backward::backward(simd::active(), d, scale, q, k, v, out, dout, lse, dq, dk, dv);
+    backward::backward(
+        simd::active(),
+        d,
+        scale,
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        dq,
+        dk,
+        dv,
+    );
     Ok(())
 }

@@ -100,7 +100,16 @@ fn naive(d: &LandmarkDims, scale: f64, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
     (out, lse)
 }
 
-fn dims(batch: usize, tq: usize, tk: usize, h: usize, hkv: usize, hd: usize, hv: usize, bs: usize) -> LandmarkDims {
+fn dims(
+    batch: usize,
+    tq: usize,
+    tk: usize,
+    h: usize,
+    hkv: usize,
+    hd: usize,
+    hv: usize,
+    bs: usize,
+) -> LandmarkDims {
     LandmarkDims {
         batch,
         q_len: tq,
@@ -115,18 +124,20 @@ fn dims(batch: usize, tq: usize, tk: usize, h: usize, hkv: usize, hd: usize, hv:
 
 fn cases() -> Vec<LandmarkDims> {
     vec![
-        dims(1, 1, 1, 1, 1, 4, 4, 2),       // T = 1
-        dims(2, 11, 11, 2, 1, 5, 3, 4),     // GQA, Dv != D, T not a multiple of the block
-        dims(1, 7, 7, 3, 3, 8, 8, 16),      // T below one block
-        dims(1, 20, 20, 2, 2, 6, 6, 5),     // block not a power of two, complete blocks
-        dims(1, 6, 23, 4, 2, 7, 9, 3),      // Tq < Tk: queries at the end of the keys
-        dims(1, 70, 70, 1, 1, 16, 16, 65),  // block 65: one complete block and a tail
-        dims(1, 18, 18, 2, 1, 3, 2, 2),     // block 2: one regular token per block
+        dims(1, 1, 1, 1, 1, 4, 4, 2),      // T = 1
+        dims(2, 11, 11, 2, 1, 5, 3, 4),    // GQA, Dv != D, T not a multiple of the block
+        dims(1, 7, 7, 3, 3, 8, 8, 16),     // T below one block
+        dims(1, 20, 20, 2, 2, 6, 6, 5),    // block not a power of two, complete blocks
+        dims(1, 6, 23, 4, 2, 7, 9, 3),     // Tq < Tk: queries at the end of the keys
+        dims(1, 70, 70, 1, 1, 16, 16, 65), // block 65: one complete block and a tail
+        dims(1, 18, 18, 2, 1, 3, 2, 2),    // block 2: one regular token per block
     ]
 }
 
 fn to<E: Element>(x: &[f64]) -> Vec<E> {
-    x.iter().map(|&v| E::from_acc(E::Acc::from_f64(v))).collect()
+    x.iter()
+        .map(|&v| E::from_acc(E::Acc::from_f64(v)))
+        .collect()
 }
 
 fn run_fwd<E: Element>(d: &LandmarkDims, scale: f64, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
@@ -143,7 +154,10 @@ fn run_fwd<E: Element>(d: &LandmarkDims, scale: f64, x: &Inputs) -> (Vec<f64>, V
 fn close(got: &[f64], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: got {g}, want {w}"
+        );
     }
 }
 
@@ -173,14 +187,24 @@ fn forward_matches_naive_every_level_and_dtype() {
                 v: to::<bf16>(&x.v).iter().map(|v| v.to_f64()).collect(),
             };
             let (wb, _) = naive(d, scale, &xb);
-            close(&run_fwd::<bf16>(d, scale, &xb).0, &wb, 1e-2, &format!("bf16 out {what}"));
+            close(
+                &run_fwd::<bf16>(d, scale, &xb).0,
+                &wb,
+                1e-2,
+                &format!("bf16 out {what}"),
+            );
             let xh = Inputs {
                 q: to::<f16>(&x.q).iter().map(|v| v.to_f64()).collect(),
                 k: to::<f16>(&x.k).iter().map(|v| v.to_f64()).collect(),
                 v: to::<f16>(&x.v).iter().map(|v| v.to_f64()).collect(),
             };
             let (wh, _) = naive(d, scale, &xh);
-            close(&run_fwd::<f16>(d, scale, &xh).0, &wh, 2e-3, &format!("f16 out {what}"));
+            close(
+                &run_fwd::<f16>(d, scale, &xh).0,
+                &wh,
+                2e-3,
+                &format!("f16 out {what}"),
+            );
         }
     }
     crate::simd::force(None).unwrap();
@@ -203,13 +227,28 @@ fn backward_matches_central_differences_every_level() {
             let mut out = vec![0.0; g.len()];
             let mut lse = vec![0.0; d.batch * d.q_len * d.q_heads];
             forward(d, scale, &x.q, &x.k, &x.v, &mut out, &mut lse).unwrap();
-            let (mut dq, mut dk, mut dv) = (vec![0.0; x.q.len()], vec![0.0; x.k.len()], vec![0.0; x.v.len()]);
-            backward(d, scale, &x.q, &x.k, &x.v, &out, &g, &lse, &mut dq, &mut dk, &mut dv).unwrap();
+            let (mut dq, mut dk, mut dv) = (
+                vec![0.0; x.q.len()],
+                vec![0.0; x.k.len()],
+                vec![0.0; x.v.len()],
+            );
+            backward(
+                d, scale, &x.q, &x.k, &x.v, &out, &g, &lse, &mut dq, &mut dk, &mut dv,
+            )
+            .unwrap();
             for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
                 for idx in 0..grad.len() {
                     let eps = 1e-6;
-                    let mut xp = Inputs { q: x.q.clone(), k: x.k.clone(), v: x.v.clone() };
-                    let mut xm = Inputs { q: x.q.clone(), k: x.k.clone(), v: x.v.clone() };
+                    let mut xp = Inputs {
+                        q: x.q.clone(),
+                        k: x.k.clone(),
+                        v: x.v.clone(),
+                    };
+                    let mut xm = Inputs {
+                        q: x.q.clone(),
+                        k: x.k.clone(),
+                        v: x.v.clone(),
+                    };
                     let (p, m) = match which {
                         0 => (&mut xp.q, &mut xm.q),
                         1 => (&mut xp.k, &mut xm.k),
@@ -242,8 +281,15 @@ fn backward_in_f32_and_bf16_follows_f64() {
         let mut out = vec![0.0; g.len()];
         let mut lse = vec![0.0; 26];
         forward(&d, scale, &x.q, &x.k, &x.v, &mut out, &mut lse).unwrap();
-        let (mut dq, mut dk, mut dv) = (vec![0.0; x.q.len()], vec![0.0; x.k.len()], vec![0.0; x.v.len()]);
-        backward(&d, scale, &x.q, &x.k, &x.v, &out, &g, &lse, &mut dq, &mut dk, &mut dv).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0; x.q.len()],
+            vec![0.0; x.k.len()],
+            vec![0.0; x.v.len()],
+        );
+        backward(
+            &d, scale, &x.q, &x.k, &x.v, &out, &g, &lse, &mut dq, &mut dk, &mut dv,
+        )
+        .unwrap();
         [dq, dk, dv]
     };
     let want = grads(&x);
@@ -254,7 +300,10 @@ fn backward_in_f32_and_bf16_follows_f64() {
         let mut lse = vec![E::Acc::ZERO; d.q_len * d.q_heads];
         forward(d, scale, &q, &k, &v, &mut out, &mut lse).unwrap();
         let (mut dq, mut dk, mut dv) = (vec![z; q.len()], vec![z; k.len()], vec![z; v.len()]);
-        backward(d, scale, &q, &k, &v, &out, &gg, &lse, &mut dq, &mut dk, &mut dv).unwrap();
+        backward(
+            d, scale, &q, &k, &v, &out, &gg, &lse, &mut dq, &mut dk, &mut dv,
+        )
+        .unwrap();
         [dq, dk, dv].map(|t| t.iter().map(|e| e.to_acc().to_f64()).collect())
     }
     for (got, w) in low::<f32>(&d, scale, &x, &g).iter().zip(&want) {
@@ -275,12 +324,25 @@ fn bad_arguments_are_errors() {
         LandmarkDims { block: 1, ..ok },
         LandmarkDims { q_len: 5, ..ok },
         LandmarkDims { kv_heads: 0, ..ok },
-        LandmarkDims { q_heads: 3, kv_heads: 2, ..ok },
+        LandmarkDims {
+            q_heads: 3,
+            kv_heads: 2,
+            ..ok
+        },
         LandmarkDims { head_dim: 0, ..ok },
     ] {
-        assert!(matches!(forward(&bad, 1.0, &q, &k, &v, &mut o, &mut l), Err(KernelError::Argument(_))), "{bad:?}");
+        assert!(
+            matches!(
+                forward(&bad, 1.0, &q, &k, &v, &mut o, &mut l),
+                Err(KernelError::Argument(_))
+            ),
+            "{bad:?}"
+        );
     }
-    assert!(matches!(forward(&ok, 1.0, &q[1..], &k, &v, &mut o, &mut l), Err(KernelError::Length { .. })));
+    assert!(matches!(
+        forward(&ok, 1.0, &q[1..], &k, &v, &mut o, &mut l),
+        Err(KernelError::Length { .. })
+    ));
     let (mut dq, mut dk, mut dv) = (vec![0f32; 32], vec![0f32; 16], vec![0f32; 15]);
     assert!(matches!(
         backward(&ok, 1.0, &q, &k, &v, &o, &o, &l, &mut dq, &mut dk, &mut dv),
