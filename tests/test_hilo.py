@@ -74,6 +74,26 @@ def test_state_dict_loads_both_ways_strictly():
         ref.load_state_dict(ours.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_module_fp32_whole_panel_heads(simd_level, head_dim):
+    """Head dims that are whole GEMM panels take the Lo-Fi forward that writes its output
+    rows in place (fp32 only); forward and input gradient against the float64 layer."""
+    ref, _ = _pair(3 * head_dim, 3, 2, 0.67, True, None)
+    ours = HiLo(3 * head_dim, 3, True, window_size=2, alpha=0.67)
+    ours.load_state_dict(ref.state_dict())
+    ours = ours.float()
+    x = torch.randn(2, 7 * 10, 3 * head_dim, dtype=D64)
+    want = ref(x, 7, 10)
+    xl = x.float().requires_grad_()
+    got = ours(xl, 7, 10)
+    assert (got.double() - want).abs().max() / want.abs().max() < 2e-5
+    g = torch.randn_like(want)
+    got.backward(g.float())
+    xr = x.clone().requires_grad_()
+    ref(xr, 7, 10).backward(g)
+    assert (xl.grad.double() - xr.grad).abs().max() / xr.grad.abs().max() < 2e-4
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 def test_module_fp32_and_bf16_within_dtype_tolerance(dtype, tol):
     ref, _ = _pair(64, 8, 2, 0.75, True, None)

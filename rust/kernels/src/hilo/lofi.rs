@@ -15,7 +15,7 @@
 
 use crate::element::{Acc, Element};
 use crate::gemm::pack::{pack_cols, pack_transposed, rows_of, View};
-use crate::gemm::{gemm, panels, round_up_nr, GemmDims, NR};
+use crate::gemm::{gemm, gemm_raw, panels, round_up_nr, GemmDims, NR};
 use crate::linear::SharedMut;
 use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
@@ -133,6 +133,16 @@ pub(super) fn forward<E: Element>(
     let ln2 = E::Acc::from_f64(std::f64::consts::LN_2);
     let (hd, np) = (g.hd, g.keys);
     let (kpad, hpad) = (round_up_nr(np), round_up_nr(hd));
+    // Storage in the accumulation type and whole panels per head: the P·V GEMM writes the
+    // output rows in place (no staging row, no copy pass over the 32 MB output of the
+    // paper's layer).
+    let direct = (E::as_acc_slice(&*out).is_some() && hd % NR == 0)
+        .then(|| SharedMut(out.as_mut_ptr().cast::<E::Acc>()));
+    let lvl = if crate::simd::supported(level) {
+        level
+    } else {
+        Level::Scalar
+    };
     let outp = SharedMut(out.as_mut_ptr());
     let lsep = SharedMut(lse.as_mut_ptr());
     let chunks = g.chunks();
@@ -152,9 +162,6 @@ pub(super) fn forward<E: Element>(
                 sc.kv.vps = pack_cols(kv, g.v_view(b, h), E::Acc::ONE, &mut sc.kv.v);
                 fit(&mut sc.s, BQ * kpad);
                 fit(&mut sc.o, BQ * hpad);
-                // Row sums and maxima (base 2) of the current tile.
-                fit(&mut sc.lse2, BQ);
-                fit(&mut sc.delta, BQ);
                 let mut i0 = i_start;
                 while i0 < i_end {
                     let bq = BQ.min(i_end - i0);
@@ -185,8 +192,22 @@ pub(super) fn forward<E: Element>(
                         } else {
                             m
                         };
-                        sc.lse2[r] = E::Acc::exp2_sub_sum(level, row, m);
-                        sc.delta[r] = m;
+                        let l = E::Acc::exp2_sub_sum(level, row, m);
+                        // Normalising the probabilities (np values) instead of the output
+                        // row (hd values) lets the P·V GEMM write final rows. l = 0 (every
+                        // score -inf) leaves a zero row: a zero output; a NaN l makes it NaN.
+                        if l != E::Acc::ZERO {
+                            E::Acc::scale(level, row, E::Acc::ONE / l);
+                        }
+                        let lse_r = if l > E::Acc::ZERO {
+                            m * ln2 + l.ln()
+                        } else if l == E::Acc::ZERO {
+                            E::Acc::NEG_INFINITY
+                        } else {
+                            l
+                        };
+                        // SAFETY: rows i0..i0+bq of head (b, h) belong to this task alone.
+                        unsafe { lsep.slice((b * g.q_len + i0 + r) * g.heads + h, 1)[0] = lse_r };
                     }
                     let od = GemmDims {
                         m: bq,
@@ -198,28 +219,32 @@ pub(super) fn forward<E: Element>(
                         ldc: hpad,
                         accumulate: false,
                     };
-                    gemm(level, &od, &sc.s, &sc.kv.v, &mut sc.o);
-                    for r in 0..bq {
-                        let (l, m) = (sc.lse2[r], sc.delta[r]);
-                        let orow = &mut sc.o[r * hpad..][..hd];
-                        let lse_r = if l > E::Acc::ZERO {
-                            E::Acc::scale(level, orow, E::Acc::ONE / l);
-                            m * ln2 + l.ln()
-                        } else {
-                            // Every score -inf (or NaN): zero output, lse -inf (NaN).
-                            #[allow(clippy::eq_op)]
-                            let nan = l != l;
-                            orow.fill(if nan { l } else { E::Acc::ZERO });
-                            if nan {
-                                l
-                            } else {
-                                E::Acc::NEG_INFINITY
-                            }
-                        };
-                        // SAFETY: rows i0..i0+bq of head (b, h) belong to this task alone.
+                    if let Some(o) = direct {
+                        // SAFETY: the GEMM writes rows i0..i0+bq, columns h·hd..(h+1)·hd
+                        // (whole panels: hd is a multiple of NR) of this task's head only;
+                        // A and B hold the extents `od` implies; `lvl` is supported.
                         unsafe {
-                            E::from_acc_slice(orow, outp.slice(g.out_at(b, i0 + r, h), hd));
-                            lsep.slice((b * g.q_len + i0 + r) * g.heads + h, 1)[0] = lse_r;
+                            gemm_raw(
+                                lvl,
+                                &GemmDims {
+                                    ldc: g.heads * hd,
+                                    ..od
+                                },
+                                sc.s.as_ptr(),
+                                sc.kv.v.as_ptr(),
+                                o.0.add(g.out_at(b, i0, h)),
+                            )
+                        };
+                    } else {
+                        gemm(level, &od, &sc.s, &sc.kv.v, &mut sc.o);
+                        for r in 0..bq {
+                            // SAFETY: rows i0..i0+bq of head (b, h) belong to this task alone.
+                            unsafe {
+                                E::from_acc_slice(
+                                    &sc.o[r * hpad..][..hd],
+                                    outp.slice(g.out_at(b, i0 + r, h), hd),
+                                )
+                            };
                         }
                     }
                     i0 += bq;
@@ -332,11 +357,7 @@ pub(super) fn backward<E: Element>(
                         lse2[r] = lse[at] * log2e;
                         E::to_acc_slice(&out[ov.base + r * ov.rs..][..hd], row);
                         let dor = &da[r * rsd..][..hd];
-                        let mut acc = E::Acc::ZERO;
-                        for (x, y) in dor.iter().zip(row.iter()) {
-                            acc += *x * *y;
-                        }
-                        delta[r] = acc;
+                        E::Acc::dot_rows(level, row, 0, dor, &mut delta[r..r + 1]);
                     }
                     // Score and dP blocks, one key panel at a time, seeded with -lse2 / -δ.
                     for p in 0..kp {

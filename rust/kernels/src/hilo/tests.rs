@@ -131,6 +131,7 @@ fn cases() -> Vec<(HiloDims, HiloRows, bool)> {
         mk(1, 3, 5, 2, 8, 3, 0, 2, true),    // Hi-Fi only
         mk(1, 2, 3, 4, 6, 1, 2, 0, true),    // window larger than the map
         mk(1, 9, 8, 2, 33, 1, 1, 0, false),  // head dim past two vectors
+        mk(1, 5, 6, 2, 32, 1, 2, 1, true),   // whole-panel heads: fp32 Lo-Fi writes in place
         mk(1, 12, 11, 2, 4, 1, 1, 0, true),  // one head: three query chunks, the last partial
         mk(1, 66, 65, 2, 4, 0, 1, 0, false), // 33·33 pooled keys: the dense kernel's path
     ]
