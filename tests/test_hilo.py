@@ -128,6 +128,36 @@ def test_module_inference_mode_and_no_grad_match_autograd():
         torch.testing.assert_close(ours(x, 7, 9), want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", [(7, 9, 64, 2, 0.6), (8, 6, 64, 4, 0.5), (5, 5, 64, 2, 1.0), (6, 7, 64, 2, 0.0)])
+def test_module_inference_writes_over_projections_with_the_same_numbers(shape, monkeypatch):
+    """Inference calls write the attention outputs over the module's own projection outputs:
+    the same output as the autograd path, bit for bit (one dtype, the same kernels)."""
+    import fastattn.nn as fnn
+
+    H, W, dim, heads, alpha = shape
+    _, ours = _pair(dim, heads, 2, alpha, True, None, dtype=torch.float32)
+    x = torch.randn(2, H * W, dim)
+    want = ours(x.requires_grad_(), H, W).detach()
+    taken = []
+    real = fnn._hilo_over_inputs
+    monkeypatch.setattr(fnn, "_hilo_over_inputs", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.inference_mode():
+        assert torch.equal(ours(x, H, W), want)
+    assert taken and taken[0] is not None
+
+
+def test_module_inference_leaves_hooked_projection_outputs_alone():
+    _, ours = _pair(40, 5, 2, 0.6, True, None, dtype=torch.float32)
+    x = torch.randn(2, 7 * 9, 40)
+    seen = {}
+    for name in ("h_qkv", "l_q"):
+        getattr(ours, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: (o, o.clone())}))
+    with torch.no_grad():
+        ours(x, 7, 9)
+    for out, copy in seen.values():
+        assert torch.equal(out, copy)
+
+
 # --- the functional op against the boundary's float64 transcription --------------------------
 
 

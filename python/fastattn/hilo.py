@@ -209,6 +209,31 @@ def hilo_attention(
     return (hi, lo, lse) if return_lse else (hi, lo)
 
 
+def _attention_over_inputs(hi_qkv, lo_q, lo_kv, window_size, head_dim, scale, hi_pad_kv=None):
+    """``hilo_attention`` for ``nn.HiLo``'s inference calls, writing each branch's output over
+    its queries: the Hi-Fi output into the q channels of ``hi_qkv`` (returned as the view
+    ``hi_qkv[..., :h_dim]``), the Lo-Fi output into ``lo_q``. Same numbers as
+    ``hilo_attention``; the caller owns both inputs, needs no gradient and never reads them
+    again. It saves the fresh output buffers (38 MiB at the LITv2 paper's layer) whose first
+    touch costs page faults on every call. Returns None, having done nothing, where the
+    plain call must run instead (gradients, compilation, modes, non-contiguous or
+    non-CPU tensors)."""
+    args = (hi_qkv, hi_pad_kv, lo_q, lo_kv)
+    if not direct(*args) or any(t is not None and not t.is_contiguous() for t in args):
+        return None
+    scale, dims = _prepare(hi_qkv, lo_q, lo_kv, window_size, head_dim, scale, hi_pad_kv)
+    like = hi_qkv if hi_qkv is not None else lo_q
+    b, h, w, nh, nl = dims[0], dims[1], dims[2], dims[5], dims[6]
+    lse = like.new_empty((b, h * w, nl), dtype=acc_dtype(like.dtype))
+    if like.numel():
+        lib.hilo_forward_in_place(
+            dtype_name(like.dtype), dims, scale, num_threads(),
+            _b(hi_qkv), None if hi_pad_kv is None else buf(hi_pad_kv), _b(lo_q), _b(lo_kv), buf(lse),
+        )
+    hi = None if hi_qkv is None else hi_qkv[..., : nh * head_dim]
+    return hi, lo_q
+
+
 class HiLoAttentionFunction(torch.autograd.Function):
     """``torch.autograd.Function`` drop-in: ``HiLoAttentionFunction.apply(hi_qkv, lo_q, lo_kv,
     window_size, head_dim, scale=None, hi_pad_kv=None)`` → ``(hi_out, lo_out)`` (None for an

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flow import flow_attention
+from .hilo import _attention_over_inputs as _hilo_over_inputs
 from .hilo import hilo_attention
 from . import _checks
 from .linear import FEATURE_MAPS, linear_attention
@@ -181,6 +182,16 @@ class HiLo(nn.Module):
         pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), ws, ws, ceil_mode=True, divisor_override=ws * ws)
         return pooled.permute(0, 2, 3, 1)
 
+    def _projections_hooked(self) -> bool:
+        """Whether a forward hook could hold on to ``h_qkv`` / ``l_q`` outputs, which an
+        inference call otherwise overwrites with the attention outputs."""
+        from torch.nn.modules import module as _m
+
+        return bool(_m._global_forward_hooks) or any(
+            layer._forward_hooks for layer in (getattr(self, "h_qkv", None), getattr(self, "l_q", None))
+            if layer is not None
+        )
+
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         _input(self, "x", x, "[B, H*W, dim]", self.dim)
         _positive("H", H)
@@ -198,7 +209,12 @@ class HiLo(nn.Module):
         if self.l_heads > 0:
             lo_q = self.l_q(x)
             lo_kv = self.l_kv(self._pooled(x))
-        hi, lo = hilo_attention(hi_qkv, lo_q, lo_kv, self.ws, self.head_dim, self.scale, hi_pad_kv=hi_pad)
+        done = None
+        if not self._projections_hooked():
+            done = _hilo_over_inputs(hi_qkv, lo_q, lo_kv, self.ws, self.head_dim, self.scale, hi_pad)
+        if done is None:
+            done = hilo_attention(hi_qkv, lo_q, lo_kv, self.ws, self.head_dim, self.scale, hi_pad_kv=hi_pad)
+        hi, lo = done
         if hi is None:
             return self.l_proj(lo).reshape(b, n, c)
         if lo is None:

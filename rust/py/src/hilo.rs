@@ -74,6 +74,39 @@ fn hilo_forward(
     })
 }
 
+/// Inference forward writing the outputs over the queries (`hilo::forward_in_place`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn hilo_forward_in_place(
+    py: Python<'_>,
+    dtype: &str,
+    shape: Dims,
+    scale: f64,
+    threads: usize,
+    hi_qkv: Buf,
+    hi_pad: Option<Buf>,
+    lo_q: Buf,
+    lo_kv: Buf,
+    lo_lse: Buf,
+) -> PyResult<()> {
+    let d = dims(shape);
+    let r = rows(&d);
+    with_dtype!(DType::parse(dtype)?, E => {
+        // SAFETY: the Python layer passes contiguous tensors; `hi_qkv` and `lo_q` are its
+        // own fresh projection outputs, aliased by nothing else it passes, `lo_lse` fresh.
+        let (hi_qkv, hi_pad, lo_q, lo_kv, lo_lse) = unsafe {(
+            slice_mut::<E>("hi_qkv", hi_qkv)?,
+            opt::<E>("hi_pad", hi_pad)?,
+            slice_mut::<E>("lo_q", lo_q)?,
+            slice::<E>("lo_kv", lo_kv)?,
+            slice_mut::<<E as Element>::Acc>("lo_lse", lo_lse)?,
+        )};
+        run(py, threads, work(&d), move || {
+            hilo::forward_in_place(&d, &r, scale, hi_qkv, hi_pad, lo_q, lo_kv, lo_lse)
+        })
+    })
+}
+
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn hilo_backward(
@@ -126,6 +159,7 @@ fn hilo_backward(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hilo_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(hilo_forward_in_place, m)?)?;
     m.add_function(wrap_pyfunction!(hilo_backward, m)?)?;
     Ok(())
 }

@@ -16,6 +16,25 @@ use crate::simd::math::VecMath;
 use crate::simd::Level;
 use rayon::prelude::*;
 
+use super::Io;
+
+/// Token rows to gather from: a plain slice (backward) or a forward's [`Io`].
+#[derive(Clone, Copy)]
+enum Rows<'a, E> {
+    Slice(&'a [E]),
+    Io(&'a Io<E>),
+}
+
+impl<'a, E> Rows<'a, E> {
+    fn row(self, off: usize, len: usize) -> &'a [E] {
+        match self {
+            Rows::Slice(s) => &s[off..][..len],
+            // SAFETY: a token's row is read and written only by the task owning its window.
+            Rows::Io(io) => unsafe { io.row(off, len) },
+        }
+    }
+}
+
 /// The map and the Hi-Fi heads. Token `(b, y, x)` of `qkv` starts at
 /// `((b·height + y)·width + x)·stride`, with q, k, v at offsets `0`, `heads·hd`, `2·heads·hd`.
 #[derive(Debug, Clone, Copy)]
@@ -71,13 +90,13 @@ fn sized<A: Acc>(v: &mut Vec<A>, n: usize) {
 
 /// Copies the window's token rows into `sc.qkv`; pad slots get the pad key and value (zeros
 /// without one) and a zero query.
-fn gather<E: Element>(g: &Geometry, qkv: &[E], pad: Option<&[E]>, sc: &mut Scratch<E::Acc>) {
+fn gather<E: Element>(g: &Geometry, qkv: Rows<'_, E>, pad: Option<&[E]>, sc: &mut Scratch<E::Acc>) {
     let (dim, row) = (g.dim(), 3 * g.dim());
     sized(&mut sc.qkv, sc.slots.len() * row);
     for (t, tok) in sc.slots.iter().enumerate() {
         let dst = &mut sc.qkv[t * row..][..row];
         match tok {
-            Some(tok) => E::to_acc_slice(&qkv[tok * g.stride..][..row], dst),
+            Some(tok) => E::to_acc_slice(qkv.row(tok * g.stride, row), dst),
             None => {
                 dst.fill(E::Acc::ZERO);
                 if let Some(pad) = pad {
@@ -119,25 +138,23 @@ fn probabilities<A: Acc>(
     }
 }
 
-/// Forward: `out` is `[batch, height, width, heads·hd]`.
+/// Forward: token `t`'s output row (all heads) goes to `io`'s output at `t·out_stride`.
 pub(super) fn forward<E: Element>(
     level: Level,
     g: &Geometry,
     scale: f64,
-    qkv: &[E],
+    io: Io<E>,
     pad: Option<&[E]>,
-    out: &mut [E],
 ) {
     let (hd, dim, row, ws) = (g.hd, g.dim(), 3 * g.dim(), g.ws);
     let c = E::Acc::from_f64(scale * std::f64::consts::LOG2_E);
-    let outp = SharedMut(out.as_mut_ptr());
     let scratch = PerThread::new();
     (0..g.batch * g.bands()).into_par_iter().for_each(|task| {
         let (b, gy) = (task / g.bands(), task % g.bands());
         scratch.with(Scratch::default, |sc: &mut Scratch<E::Acc>| {
             for gx in 0..g.width.div_ceil(ws) {
                 g.window(b, gy, gx, &mut sc.slots);
-                gather(g, qkv, pad, sc);
+                gather(g, Rows::Io(&io), pad, sc);
                 let n = sc.slots.len();
                 sized(&mut sc.p, n);
                 sized(&mut sc.rows, dim);
@@ -149,9 +166,9 @@ pub(super) fn forward<E: Element>(
                         let o = &mut sc.rows[h * hd..][..hd];
                         E::Acc::axpy_rows(level, o, &sc.p, &sc.qkv[2 * dim + h * hd..], row);
                     }
-                    // SAFETY: each token's output row belongs to the one task that owns its
-                    // window; `out` holds every token's row.
-                    unsafe { E::from_acc_slice(&sc.rows, outp.slice(tok * dim, dim)) };
+                    // SAFETY: each token (its input row and its output row) belongs to the
+                    // one task that owns its window; the window was gathered above.
+                    unsafe { E::from_acc_slice(&sc.rows, io.out_row(tok * io.out_stride, dim)) };
                 }
             }
         })
@@ -183,7 +200,7 @@ pub(super) fn backward<E: Element>(
             scratch.with(Scratch::default, |sc: &mut Scratch<E::Acc>| {
                 for gx in 0..g.width.div_ceil(ws) {
                     g.window(b, gy, gx, &mut sc.slots);
-                    gather(g, qkv, pad, sc);
+                    gather(g, Rows::Slice(qkv), pad, sc);
                     window_backward(level, g, c, dout, sc);
                     for (t, tok) in sc.slots.iter().enumerate() {
                         let gr = &mut sc.grad[t * row..][..row];

@@ -22,6 +22,8 @@ use crate::simd::math::VecMath;
 use crate::simd::Level;
 use rayon::prelude::*;
 
+use super::Io;
+
 /// Pooled keys up to which this path runs (measured on fp32, 2 threads, against the dense
 /// kernel: ahead at 400 and 784 keys — 56² at ws 2: forward 20 vs 24 ms, backward 47 vs 51 —
 /// level at 1,600). Past it a head's packed K/V and a query tile's score rows outgrow L2 and
@@ -124,9 +126,8 @@ pub(super) fn forward<E: Element>(
     level: Level,
     g: &Geometry,
     scale: f64,
-    q: &[E],
+    io: Io<E>,
     kv: &[E],
-    out: &mut [E],
     lse: &mut [E::Acc],
 ) {
     let c = E::Acc::from_f64(scale * std::f64::consts::LOG2_E);
@@ -136,14 +137,14 @@ pub(super) fn forward<E: Element>(
     // Storage in the accumulation type and whole panels per head: the P·V GEMM writes the
     // output rows in place (no staging row, no copy pass over the 32 MB output of the
     // paper's layer).
-    let direct = (E::as_acc_slice(&*out).is_some() && hd % NR == 0)
-        .then(|| SharedMut(out.as_mut_ptr().cast::<E::Acc>()));
+    let direct = (E::as_acc_slice(&[] as &[E]).is_some() && hd % NR == 0)
+        .then(|| SharedMut(io.out_ptr().cast::<E::Acc>()));
+    let q = io.queries();
     let lvl = if crate::simd::supported(level) {
         level
     } else {
         Level::Scalar
     };
-    let outp = SharedMut(out.as_mut_ptr());
     let lsep = SharedMut(lse.as_mut_ptr());
     let chunks = g.chunks();
     let scratch = PerThread::<Scratch<E::Acc>>::new();
@@ -171,7 +172,20 @@ pub(super) fn forward<E: Element>(
                         rows: bq,
                         cols: hd,
                     };
-                    let (qa, rsa) = rows_of(q, qv, &mut sc.q);
+                    let (qa, rsa) = match q {
+                        Some(q) => rows_of(q, qv, &mut sc.q),
+                        None => {
+                            // In place: the tile's queries are copied out before its output
+                            // rows replace them.
+                            fit(&mut sc.q, bq * hd);
+                            for r in 0..bq {
+                                // SAFETY: head h's cells of these rows belong to this task.
+                                let src = unsafe { io.row(qv.base + r * qv.rs, hd) };
+                                E::to_acc_slice(src, &mut sc.q[r * hd..][..hd]);
+                            }
+                            (&sc.q[..], hd)
+                        }
+                    };
                     let sd = GemmDims {
                         m: bq,
                         npanels: panels(np),
@@ -242,7 +256,7 @@ pub(super) fn forward<E: Element>(
                             unsafe {
                                 E::from_acc_slice(
                                     &sc.o[r * hpad..][..hd],
-                                    outp.slice(g.out_at(b, i0 + r, h), hd),
+                                    io.out_row(g.out_at(b, i0 + r, h), hd),
                                 )
                             };
                         }

@@ -17,9 +17,69 @@ mod lofi;
 mod tests;
 
 use crate::attention::{self, AttnDims, KvGrads, Layout, Rows};
-use crate::element::Element;
+use crate::element::{Acc, Element};
 use crate::error::{check_len, KernelError};
+use crate::linear::SharedMut;
 use crate::simd;
+
+/// Where a branch reads its query rows and writes its output rows: apart, or the output
+/// over the queries ([`forward_in_place`]: inference, where nothing needs the queries
+/// after, and no fresh output buffer means no page faults on tens of MiB per call).
+/// Every read and write goes through `row` / `out_row` on exactly the cells of one
+/// (token, head) or token: the tasks of a call own disjoint cells, so no task reads a cell
+/// another one writes.
+#[derive(Clone, Copy)]
+pub(super) struct Io<E> {
+    src: *const E,
+    /// Elements readable at `src` when the queries are apart (read-only then).
+    src_len: usize,
+    out: SharedMut<E>,
+    pub out_stride: usize,
+    pub in_place: bool,
+}
+
+// SAFETY: see the type's docs: disjoint cells per task.
+unsafe impl<E: Send> Send for Io<E> {}
+unsafe impl<E: Send> Sync for Io<E> {}
+
+impl<E> Io<E> {
+    fn apart(q: &[E], out: &mut [E], out_stride: usize) -> Self {
+        Io {
+            src: q.as_ptr(),
+            src_len: q.len(),
+            out: SharedMut(out.as_mut_ptr()),
+            out_stride,
+            in_place: false,
+        }
+    }
+    fn in_place(qo: &mut [E], out_stride: usize) -> Self {
+        Io {
+            src: qo.as_ptr(),
+            src_len: 0,
+            out: SharedMut(qo.as_mut_ptr()),
+            out_stride,
+            in_place: true,
+        }
+    }
+    /// The whole query buffer, when it is apart from the output.
+    pub fn queries(&self) -> Option<&[E]> {
+        // SAFETY: apart queries are a live shared slice nobody writes during the call.
+        (!self.in_place).then(|| unsafe { std::slice::from_raw_parts(self.src, self.src_len) })
+    }
+    /// # Safety
+    /// `off..off + len` in bounds and not written by any other task during the call.
+    pub unsafe fn row<'a>(&self, off: usize, len: usize) -> &'a [E] {
+        std::slice::from_raw_parts(self.src.add(off), len)
+    }
+    /// # Safety
+    /// `off..off + len` in bounds and owned by the calling task.
+    pub unsafe fn out_row<'a>(&self, off: usize, len: usize) -> &'a mut [E] {
+        std::slice::from_raw_parts_mut(self.out.0.add(off), len)
+    }
+    pub fn out_ptr(&self) -> *mut E {
+        self.out.0
+    }
+}
 
 /// Shapes of one HiLo call. The map is `height × width` tokens per image; the pooled map has
 /// `ceil(height/ws) · ceil(width/ws)` tokens. Both branches share `head_dim`.
@@ -193,34 +253,118 @@ pub fn forward<E: Element>(
     lo_out: &mut [E],
     lo_lse: &mut [E::Acc],
 ) -> Result<(), KernelError> {
+    check_call(d, rows, scale, hi_qkv)?;
+    let n = d.tokens();
+    check_len("hi_out", hi_out, n * d.hi_dim())?;
+    if d.lo_heads > 0 {
+        check_rows("lo_q", lo_q, n, d.lo_dim(), rows.lo_q)?;
+        check_len("lo_out", lo_out, n * d.lo_dim())?;
+    } else {
+        check_len("lo_out", lo_out, 0)?;
+    }
+    let hi = Io::apart(hi_qkv, hi_out, d.hi_dim());
+    if d.lo_heads > 0 && d.pooled() > lofi::MAX_KEYS {
+        return run_dense(d, rows, scale, hi, hi_pad, lo_q, lo_kv, lo_out, lo_lse);
+    }
+    let lo = Io::apart(lo_q, lo_out, d.lo_dim());
+    run_branches(d, rows, scale, hi, hi_pad, lo, lo_kv, lo_lse)
+}
+
+/// Inference forward that writes each branch's output over its queries: the Hi-Fi output
+/// into the q channels of `hi_qkv` (token stride `rows.hi`), the Lo-Fi output into `lo_q`,
+/// which must be dense (`rows.lo_q == l_dim`). Same numbers as [`forward`]; the inputs are
+/// consumed.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_in_place<E: Element>(
+    d: &HiloDims,
+    rows: &HiloRows,
+    scale: f64,
+    hi_qkv: &mut [E],
+    hi_pad: Option<&[E]>,
+    lo_q: &mut [E],
+    lo_kv: &[E],
+    lo_lse: &mut [E::Acc],
+) -> Result<(), KernelError> {
+    check_call(d, rows, scale, hi_qkv)?;
+    let n = d.tokens();
+    if d.lo_heads > 0 {
+        if rows.lo_q != d.lo_dim() {
+            return arg(format!(
+                "in-place Lo-Fi needs dense queries (row stride {}), got {}",
+                d.lo_dim(),
+                rows.lo_q
+            ));
+        }
+        check_rows("lo_q", lo_q, n, d.lo_dim(), rows.lo_q)?;
+    }
+    let hi = Io::in_place(hi_qkv, rows.hi);
+    if d.lo_heads > 0 && d.pooled() > lofi::MAX_KEYS {
+        // The dense kernel reads its queries while other tiles are written: it gets an
+        // output of its own, copied over the queries after (large maps are compute-bound).
+        let mut out = vec![E::from_acc(E::Acc::ZERO); n * d.lo_dim()];
+        run_dense(d, rows, scale, hi, hi_pad, lo_q, lo_kv, &mut out, lo_lse)?;
+        lo_q[..out.len()].copy_from_slice(&out);
+        return Ok(());
+    }
+    let lo = Io::in_place(lo_q, d.lo_dim());
+    run_branches(d, rows, scale, hi, hi_pad, lo, lo_kv, lo_lse)
+}
+
+/// Checks shared by both forwards: dims, scale and the Hi-Fi rows.
+fn check_call<E>(
+    d: &HiloDims,
+    rows: &HiloRows,
+    scale: f64,
+    hi_qkv: &[E],
+) -> Result<(), KernelError> {
     validate(d)?;
     if !scale.is_finite() {
         return arg(format!("scale must be finite, got {scale}"));
     }
-    let n = d.tokens();
     check_rows(
         "hi_qkv",
         hi_qkv,
-        n * (d.hi_heads > 0) as usize,
+        d.tokens() * (d.hi_heads > 0) as usize,
         3 * d.hi_dim(),
         rows.hi,
-    )?;
-    if let Some(pad) = hi_pad {
-        check_len("hi_pad", pad, 2 * d.hi_dim())?;
-    }
-    check_len("hi_out", hi_out, n * d.hi_dim())?;
-    if d.hi_heads > 0 && n > 0 {
-        hifi::forward(
-            simd::active(),
-            &d.geometry(rows),
-            scale,
-            hi_qkv,
-            hi_pad,
-            hi_out,
-        );
-    }
+    )
+}
+
+/// Hi-Fi, then Lo-Fi on the dense kernel (`pooled > lofi::MAX_KEYS`).
+#[allow(clippy::too_many_arguments)]
+fn run_dense<E: Element>(
+    d: &HiloDims,
+    rows: &HiloRows,
+    scale: f64,
+    hi: Io<E>,
+    hi_pad: Option<&[E]>,
+    lo_q: &[E],
+    lo_kv: &[E],
+    lo_out: &mut [E],
+    lo_lse: &mut [E::Acc],
+) -> Result<(), KernelError> {
+    check_kv_lse(d, rows, lo_kv, lo_lse)?;
+    run_hifi(d, rows, scale, hi, hi_pad)?;
+    attention::forward_with(
+        &d.lo_attn(),
+        &d.lo_layout(rows),
+        scale,
+        false,
+        lo_q,
+        lo_kv,
+        lo_kv,
+        lo_out,
+        lo_lse,
+    )
+}
+
+fn check_kv_lse<E: Element>(
+    d: &HiloDims,
+    rows: &HiloRows,
+    lo_kv: &[E],
+    lo_lse: &[E::Acc],
+) -> Result<(), KernelError> {
     if d.lo_heads > 0 {
-        check_rows("lo_q", lo_q, n, d.lo_dim(), rows.lo_q)?;
         check_rows(
             "lo_kv",
             lo_kv,
@@ -228,34 +372,51 @@ pub fn forward<E: Element>(
             2 * d.lo_dim(),
             rows.lo_kv,
         )?;
-        if d.pooled() <= lofi::MAX_KEYS {
-            check_len("lo_out", lo_out, n * d.lo_dim())?;
-            check_len("lo_lse", lo_lse, n * d.lo_heads)?;
-            lofi::forward(
-                simd::active(),
-                &d.lo_geometry(rows),
-                scale,
-                lo_q,
-                lo_kv,
-                lo_out,
-                lo_lse,
-            );
-            return Ok(());
-        }
-        attention::forward_with(
-            &d.lo_attn(),
-            &d.lo_layout(rows),
-            scale,
-            false,
-            lo_q,
-            lo_kv,
-            lo_kv,
-            lo_out,
-            lo_lse,
-        )?;
+        check_len("lo_lse", lo_lse, d.tokens() * d.lo_heads)
     } else {
-        check_len("lo_out", lo_out, 0)?;
-        check_len("lo_lse", lo_lse, 0)?;
+        check_len("lo_lse", lo_lse, 0)
+    }
+}
+
+fn run_hifi<E: Element>(
+    d: &HiloDims,
+    rows: &HiloRows,
+    scale: f64,
+    hi: Io<E>,
+    hi_pad: Option<&[E]>,
+) -> Result<(), KernelError> {
+    if let Some(pad) = hi_pad {
+        check_len("hi_pad", pad, 2 * d.hi_dim())?;
+    }
+    if d.hi_heads > 0 && d.tokens() > 0 {
+        hifi::forward(simd::active(), &d.geometry(rows), scale, hi, hi_pad);
+    }
+    Ok(())
+}
+
+/// Hi-Fi, then Lo-Fi on its small-map kernel (`pooled ≤ lofi::MAX_KEYS`).
+#[allow(clippy::too_many_arguments)]
+fn run_branches<E: Element>(
+    d: &HiloDims,
+    rows: &HiloRows,
+    scale: f64,
+    hi: Io<E>,
+    hi_pad: Option<&[E]>,
+    lo: Io<E>,
+    lo_kv: &[E],
+    lo_lse: &mut [E::Acc],
+) -> Result<(), KernelError> {
+    check_kv_lse(d, rows, lo_kv, lo_lse)?;
+    run_hifi(d, rows, scale, hi, hi_pad)?;
+    if d.lo_heads > 0 {
+        lofi::forward(
+            simd::active(),
+            &d.lo_geometry(rows),
+            scale,
+            lo,
+            lo_kv,
+            lo_lse,
+        );
     }
     Ok(())
 }

@@ -222,6 +222,83 @@ fn forward_matches_naive_every_level() {
     simd::force(None).unwrap();
 }
 
+/// The in-place forward against the forward with outputs apart, at every level and for
+/// f64, f32 and bf16: the outputs equal bit for bit (the same kernels, the queries only read
+/// from another place), the k / v channels and spare row elements of `hi_qkv` untouched.
+fn in_place_case<E: Element + PartialEq + std::fmt::Debug>(
+    d: &HiloDims,
+    r: &HiloRows,
+    scale: f64,
+    x: &Inputs,
+    what: &str,
+) where
+    E::Acc: PartialEq + std::fmt::Debug,
+{
+    let n = d.batch * d.height * d.width;
+    let (hd, ld) = (d.hi_heads * d.head_dim, d.lo_heads * d.head_dim);
+    let (hi, lo, lse) = run_forward::<E>(d, r, scale, x);
+    let pad = x.pad.as_ref().map(|p| to::<E>(p));
+    let hi_in = to::<E>(&x.hi);
+    let mut hi_buf = hi_in.clone();
+    let mut lq: Vec<E> = (0..n)
+        .flat_map(|t| to::<E>(&x.lq[t * r.lo_q..][..ld]))
+        .collect();
+    let mut lse2 = vec![E::Acc::ZERO; n * d.lo_heads];
+    let dense = HiloRows { lo_q: ld, ..*r };
+    if r.lo_q != ld && d.lo_heads > 0 {
+        let mut strided = to::<E>(&x.lq);
+        let err = forward_in_place(
+            d,
+            r,
+            scale,
+            &mut hi_buf.clone(),
+            pad.as_deref(),
+            &mut strided,
+            &to::<E>(&x.lkv),
+            &mut lse2,
+        );
+        assert!(err.is_err(), "{what}: strided in-place queries accepted");
+    }
+    forward_in_place(
+        d,
+        &dense,
+        scale,
+        &mut hi_buf,
+        pad.as_deref(),
+        &mut lq,
+        &to::<E>(&x.lkv),
+        &mut lse2,
+    )
+    .unwrap();
+    for t in 0..n {
+        let row = &hi_buf[t * r.hi..][..r.hi];
+        assert_eq!(&row[..hd], &hi[t * hd..][..hd], "{what}: hi token {t}");
+        assert_eq!(
+            &row[hd..],
+            &hi_in[t * r.hi + hd..][..r.hi - hd],
+            "{what}: hi k/v {t}"
+        );
+    }
+    assert_eq!(lq, lo, "{what}: lo");
+    assert_eq!(lse2, lse, "{what}: lse");
+}
+
+#[test]
+fn forward_in_place_equals_forward_every_level() {
+    for level in simd::available() {
+        simd::force(Some(level)).unwrap();
+        for (i, (d, r, pad)) in cases().into_iter().enumerate() {
+            let x = inputs(&d, &r, pad, 100 + i as u64);
+            let scale = 0.7 / (d.head_dim as f64).sqrt();
+            let what = format!("{level:?} case {i}");
+            in_place_case::<f64>(&d, &r, scale, &x, &format!("{what} f64"));
+            in_place_case::<f32>(&d, &r, scale, &x, &format!("{what} f32"));
+            in_place_case::<half::bf16>(&d, &r, scale, &x, &format!("{what} bf16"));
+        }
+    }
+    simd::force(None).unwrap();
+}
+
 /// `Σ outputs ⊙ (g_hi, g_lo)`: the scalar whose gradient the backward computes.
 fn loss(d: &HiloDims, r: &HiloRows, scale: f64, x: &Inputs, g_hi: &[f64], g_lo: &[f64]) -> f64 {
     let (hi, lo) = naive(d, r, scale, x);
