@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastattn
 from fastattn.nn import HiLo
@@ -144,6 +145,49 @@ def test_module_inference_writes_over_projections_with_the_same_numbers(shape, m
     with torch.inference_mode():
         assert torch.equal(ours(x, H, W), want)
     assert taken and taken[0] is not None
+
+
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("needs", ["all", "inputs", "weights"])
+def test_project_both_gradcheck(biases, needs):
+    """The layer's two output projections written into one buffer, and their gradients read
+    from the output gradient's column blocks, against float64 gradcheck (a strided Hi-Fi
+    input, as inference hands it over; a bias missing; only some gradients asked for)."""
+    from fastattn.nn import _ProjectBoth
+
+    hi = torch.randn(2, 3, 4, 9, dtype=D64)[..., 2:7]
+    lo = torch.randn(2, 3, 4, 6, dtype=D64)
+    wh, wl = torch.randn(5, 5, dtype=D64), torch.randn(7, 6, dtype=D64)
+    bh = torch.randn(5, dtype=D64) if biases[0] else None
+    bl = torch.randn(7, dtype=D64) if biases[1] else None
+    for t in {"all": (hi, lo, wh, bh, wl, bl), "inputs": (hi, lo), "weights": (wh, bh, wl, bl)}[needs]:
+        if t is not None:
+            t.requires_grad_()
+    want = torch.cat((F.linear(hi, wh, bh), F.linear(lo, wl, bl)), -1)
+    torch.testing.assert_close(_ProjectBoth.apply(hi, lo, wh, bh, wl, bl), want)
+    assert torch.autograd.gradcheck(_ProjectBoth.apply, (hi, lo, wh, bh, wl, bl))
+
+
+@pytest.mark.parametrize("H,W,ws", [(4, 6, 2), (5, 7, 3), (3, 2, 4), (3, 3, 1)])
+@pytest.mark.parametrize("needs", ["all", "x", "weights"])
+def test_project_inputs_gradcheck(H, W, ws, needs):
+    """The three input projections with their in-place input gradient (pool gradient added
+    per window offset, padded maps included) against float64 gradcheck."""
+    from fastattn.nn import _ProjectInputs
+
+    x = torch.randn(2, H, W, 4, dtype=D64)
+    ws_ = [torch.randn(n, 4, dtype=D64) for n in (6, 3, 5)]
+    bs = [torch.randn(6, dtype=D64), None, torch.randn(5, dtype=D64)]
+    for t in {"all": [x, *ws_, bs[0], bs[2]], "x": [x], "weights": ws_}[needs]:
+        t.requires_grad_()
+    args = (x, ws, ws_[0], bs[0], ws_[1], bs[1], ws_[2], bs[2])
+    got = _ProjectInputs.apply(*args)
+    xp = F.pad(x, (0, 0, 0, -W % ws, 0, -H % ws))  # LITv2's zero padding, then mean pooling
+    pooled = xp.view(2, xp.shape[1] // ws, ws, xp.shape[2] // ws, ws, 4).mean((2, 4))
+    want = (F.linear(x, ws_[0], bs[0]), F.linear(x, ws_[1]), F.linear(pooled, ws_[2], bs[2]))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(_ProjectInputs.apply, args)
 
 
 def test_module_inference_leaves_hooked_projection_outputs_alone():

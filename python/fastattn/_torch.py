@@ -25,6 +25,19 @@ def buf(t: torch.Tensor) -> tuple[int, int]:
 NO_BUF = (0, 0)  # an absent optional input (the bindings read nothing from it)
 
 
+def plain_eager() -> bool:
+    """No compilation or tracing, no torch-function or dispatch mode, no functorch
+    transform, no profiler: where a module may take an eager-only route (its own
+    ``autograd.Function``, writes into buffers) that nothing could tell from the plain ops."""
+    return not (
+        torch.compiler.is_compiling()
+        or _C._is_torch_function_mode_enabled()
+        or _C._len_torch_dispatch_stack()
+        or _C._are_functorch_transforms_active()
+        or _C._autograd._profiler_enabled()
+    )
+
+
 def direct(*tensors) -> bool:
     """Whether an eager call may run its CPU kernel itself instead of going through the torch
     dispatcher: the custom op's autograd, redispatch and dynamo wrappers cost ~9 µs a call,
@@ -36,13 +49,7 @@ def direct(*tensors) -> bool:
         for t in tensors:
             if t is not None and t.requires_grad:
                 return False
-    if (
-        torch.compiler.is_compiling()
-        or _C._is_torch_function_mode_enabled()
-        or _C._len_torch_dispatch_stack()
-        or _C._are_functorch_transforms_active()
-        or _C._autograd._profiler_enabled()
-    ):
+    if not plain_eager():
         return False
     for t in tensors:
         if t is not None and (type(t) is not torch.Tensor or not t.is_cpu):

@@ -22,6 +22,7 @@ from .flow import flow_attention
 from .hilo import _attention_over_inputs as _hilo_over_inputs
 from .hilo import hilo_attention
 from . import _checks
+from ._torch import plain_eager
 from .linear import FEATURE_MAPS, linear_attention
 from .neighborhood import neighborhood_attention
 
@@ -108,25 +109,120 @@ class FlowAttentionCausal(_FlowBase):
     causal = True
 
 
-def _project_both(hi, h_proj: nn.Linear, lo, l_proj: nn.Linear):
-    """``cat(h_proj(hi), l_proj(lo), -1)``. Plain eager calls write both projections into
-    one output instead (no concatenation copy, one fresh buffer instead of three: ~10 ms of
-    the 210 ms LITv2 paper layer); autograd, compilation, autocast and mixed dtypes take the
-    plain form."""
-    params = (h_proj.weight, h_proj.bias, l_proj.weight, l_proj.bias)
-    if (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hi, lo, *params))
-    ) or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or not hi.is_cpu or any(
-        t is None or t.dtype != hi.dtype or type(t) is not torch.Tensor and not isinstance(t, nn.Parameter)
-        for t in (lo, *params)
-    ):
-        return torch.cat((h_proj(hi), l_proj(lo)), dim=-1)
-    nh, nl = h_proj.out_features, l_proj.out_features
+def _project_into(hi, wh, bh, lo, wl, bl):
+    """``cat(hi·whᵀ + bh, lo·wlᵀ + bl, -1)`` with both products written into one fresh
+    buffer: no concatenation copy, one buffer instead of three."""
+    nh, nl = wh.shape[0], wl.shape[0]
     y = hi.new_empty((*hi.shape[:-1], nh + nl))
     rows = y.view(-1, nh + nl)
-    torch.addmm(h_proj.bias, hi.reshape(-1, hi.shape[-1]), h_proj.weight.t(), out=rows[:, :nh])
-    torch.addmm(l_proj.bias, lo.reshape(-1, lo.shape[-1]), l_proj.weight.t(), out=rows[:, nh:])
+    for x, w, b, out in ((hi, wh, bh, rows[:, :nh]), (lo, wl, bl, rows[:, nh:])):
+        x = x.reshape(-1, x.shape[-1])
+        if b is None:
+            torch.mm(x, w.t(), out=out)
+        else:
+            torch.addmm(b, x, w.t(), out=out)
     return y
+
+
+class _ProjectBoth(torch.autograd.Function):
+    """:func:`_project_into` with its gradients: the output gradient's two column blocks are
+    read in place (strided) by the weight and input GEMMs, where ``cat``'s backward would
+    hand over the same views after the forward paid a concatenation copy of the output."""
+
+    @staticmethod
+    def forward(ctx, hi, lo, wh, bh, wl, bl):
+        ctx.save_for_backward(hi, lo, wh, wl)
+        return _project_into(hi, wh, bh, lo, wl, bl)
+
+    @staticmethod
+    def backward(ctx, dy):
+        hi, lo, wh, wl = ctx.saved_tensors
+        nh = wh.shape[0]
+        rows = dy.reshape(-1, dy.shape[-1])
+        dh, dl = rows[:, :nh], rows[:, nh:]
+        need = ctx.needs_input_grad
+        grads = [None] * 6
+        for i, (x, w, d) in enumerate(((hi, wh, dh), (lo, wl, dl))):
+            if need[i]:
+                grads[i] = (d @ w).view(x.shape)
+            if need[2 + 2 * i]:
+                grads[2 + 2 * i] = d.t() @ x.reshape(-1, x.shape[-1])
+            if need[3 + 2 * i]:
+                grads[3 + 2 * i] = d.sum(0)
+        return tuple(grads)
+
+
+def _project_both(hi, h_proj: nn.Linear, lo, l_proj: nn.Linear):
+    """``cat(h_proj(hi), l_proj(lo), -1)``. Plain eager CPU calls write both projections into
+    one output instead (~10 ms of the 210 ms LITv2 paper layer in inference; in training
+    also the concatenation's copy and fresh 38 MiB buffer), through :class:`_ProjectBoth`
+    when a gradient is needed; compilation, modes, autocast and mixed dtypes take the plain
+    form."""
+    params = (h_proj.weight, h_proj.bias, l_proj.weight, l_proj.bias)
+    if not plain_eager() or torch.is_autocast_enabled("cpu") or not hi.is_cpu or any(
+        t is not None and (t.dtype != hi.dtype or type(t) is not torch.Tensor and not isinstance(t, nn.Parameter))
+        for t in (lo, *params)
+    ) or h_proj.weight is None or l_proj.weight is None:
+        return torch.cat((h_proj(hi), l_proj(lo)), dim=-1)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hi, lo, *params)):
+        return _ProjectBoth.apply(hi, lo, *params)
+    return _project_into(hi, params[0], params[1], lo, params[2], params[3])
+
+
+def _pool(x, ws):
+    """The ``ws × ws`` average pool of the zero-padded map ``x`` ``[B, H, W, C]``: ceil mode
+    with the full window as divisor counts the padding zeros, without padding the input."""
+    if ws == 1:
+        return x
+    # Channels-last pooling is torch's fast path (1 ms at B64 14² 768; a strided mean 27).
+    pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), ws, ws, ceil_mode=True, divisor_override=ws * ws)
+    return pooled.permute(0, 2, 3, 1)
+
+
+class _ProjectInputs(torch.autograd.Function):
+    """HiLo's three input projections ``h_qkv(x)``, ``l_q(x)``, ``l_kv(pool(x))`` with one
+    backward that accumulates the input gradient in place: the second GEMM adds into the
+    first one's result and the pool's gradient is added window offset by window offset.
+    Autograd's own route allocates and zero-fills the pool's gradient and sums three
+    full-size gradients into fresh buffers (38 MiB each at the paper's layer)."""
+
+    @staticmethod
+    def forward(ctx, x, ws, wh, bh, wq, bq, wkv, bkv):
+        pooled = _pool(x, ws)
+        ctx.save_for_backward(x, pooled, wh, wq, wkv)
+        ctx.ws = ws
+        return F.linear(x, wh, bh), F.linear(x, wq, bq), F.linear(pooled, wkv, bkv)
+
+    @staticmethod
+    def backward(ctx, d_h, d_q, d_kv):
+        x, pooled, wh, wq, wkv = ctx.saved_tensors
+        ws, need = ctx.ws, ctx.needs_input_grad
+        grads = [None] * 8
+        c = x.shape[-1]
+        flat = []
+        for i, (d, inp, w) in enumerate(((d_h, x, wh), (d_q, x, wq), (d_kv, pooled, wkv))):
+            d = d.reshape(-1, w.shape[0])  # unused outputs come as zeros (materialised)
+            flat.append(d)
+            if need[2 + 2 * i]:
+                grads[2 + 2 * i] = d.t() @ inp.reshape(-1, c)
+            if need[3 + 2 * i]:
+                grads[3 + 2 * i] = d.sum(0)
+        if need[0]:
+            dx = flat[0] @ wh
+            dx.addmm_(flat[1], wq)
+            dp = (flat[2] @ wkv).view(pooled.shape)
+            dx = dx.view(x.shape)
+            if ws == 1:
+                dx.add_(dp)
+            else:
+                dp.mul_(1.0 / (ws * ws))
+                H, W = x.shape[1], x.shape[2]
+                for i in range(ws):
+                    for j in range(ws):
+                        rows, cols = len(range(i, H, ws)), len(range(j, W, ws))
+                        dx[:, i::ws, j::ws].add_(dp[:, :rows, :cols])
+            grads[0] = dx
+        return tuple(grads)
 
 
 class HiLo(nn.Module):
@@ -173,14 +269,29 @@ class HiLo(nn.Module):
             self.h_proj = nn.Linear(self.h_dim, self.h_dim)
 
     def _pooled(self, x):
-        """The ``ws × ws`` average pool of the zero-padded map ``[B, H, W, C]``: ceil mode with
-        the full window as divisor counts the padding zeros, without padding the input."""
-        ws = self.ws
-        if ws == 1:
-            return x
-        # Channels-last pooling is torch's fast path (1 ms at B64 14² 768; a strided mean 27).
-        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), ws, ws, ceil_mode=True, divisor_override=ws * ws)
-        return pooled.permute(0, 2, 3, 1)
+        return _pool(x, self.ws)
+
+    def _fused_inputs(self, x) -> bool:
+        """Whether a training call takes :class:`_ProjectInputs`: both branches, a gradient
+        to record, plain eager CPU, one dtype, no autocast and no hooks on the three layers
+        (they would not run)."""
+        if not (self.h_heads and self.l_heads and torch.is_grad_enabled()) or not x.is_cpu:
+            return False
+        layers = (self.h_qkv, self.l_q, self.l_kv)
+        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        if not (x.requires_grad or any(p.requires_grad for p in params)):
+            return False
+        from torch.nn.modules import module as _m
+
+        return (
+            plain_eager()
+            and not torch.is_autocast_enabled("cpu")
+            and type(x) is torch.Tensor
+            and all(p.dtype == x.dtype and isinstance(p, nn.Parameter) for p in params)
+            and all(type(layer) is nn.Linear for layer in layers)
+            and not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
+            and not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+        )
 
     def _projections_hooked(self) -> bool:
         """Whether a forward hook could hold on to ``h_qkv`` / ``l_q`` outputs, which an
@@ -201,14 +312,20 @@ class HiLo(nn.Module):
             raise ValueError(f"HiLo: x has {n} tokens but H * W = {H} * {W} = {H * W}")
         x = x.reshape(b, H, W, c)
         hi_qkv = hi_pad = lo_q = lo_kv = None
+        if self._fused_inputs(x):
+            hi_qkv, lo_q, lo_kv = _ProjectInputs.apply(
+                x, self.ws, self.h_qkv.weight, self.h_qkv.bias, self.l_q.weight, self.l_q.bias,
+                self.l_kv.weight, self.l_kv.bias)
+        else:
+            if self.h_heads > 0:
+                hi_qkv = self.h_qkv(x)
+            if self.l_heads > 0:
+                lo_q = self.l_q(x)
+                lo_kv = self.l_kv(self._pooled(x))
         if self.h_heads > 0:
-            hi_qkv = self.h_qkv(x)
             bias = self.h_qkv.bias
             if bias is not None and (H % self.ws or W % self.ws):
                 hi_pad = bias[self.h_dim:].to(hi_qkv.dtype)  # k | v of a zero pad token
-        if self.l_heads > 0:
-            lo_q = self.l_q(x)
-            lo_kv = self.l_kv(self._pooled(x))
         done = None
         if not self._projections_hooked():
             done = _hilo_over_inputs(hi_qkv, lo_q, lo_kv, self.ws, self.head_dim, self.scale, hi_pad)
