@@ -114,6 +114,27 @@ pub fn gemm<T: GemmElem>(level: Level, d: &GemmDims, a: &[T], b: &[T], c: &mut [
     unsafe { T::gemm_raw_impl(level, d, a.as_ptr(), b.as_ptr(), c.as_mut_ptr()) }
 }
 
+/// GEMM with checked A and B writing C through a raw pointer: for tasks that each write their
+/// own block of a shared output in place.
+///
+/// # Safety
+/// The elements `c + i·ldc + j` for `i < m`, `j < npanels·NR` must be valid for writes (and
+/// reads when accumulating), and no other thread may access them during the call.
+#[inline]
+pub unsafe fn gemm_to<T: GemmElem>(level: Level, d: &GemmDims, a: &[T], b: &[T], c: *mut T) {
+    assert!(a.len() >= d.need_a(), "gemm: A too short");
+    assert!(b.len() >= d.need_b(), "gemm: B too short");
+    if d.m == 0 || d.npanels == 0 {
+        return;
+    }
+    let level = if crate::simd::supported(level) {
+        level
+    } else {
+        Level::Scalar
+    };
+    T::gemm_raw_impl(level, d, a.as_ptr(), b.as_ptr(), c)
+}
+
 /// Unchecked GEMM.
 ///
 /// # Safety

@@ -15,7 +15,7 @@
 
 use crate::element::{Acc, Element};
 use crate::gemm::pack::{pack_cols, pack_transposed, rows_of, View};
-use crate::gemm::{gemm, gemm_raw, panels, round_up_nr, GemmDims, NR};
+use crate::gemm::{gemm, gemm_to, panels, round_up_nr, GemmDims, NR};
 use crate::linear::SharedMut;
 use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
@@ -140,11 +140,6 @@ pub(super) fn forward<E: Element>(
     let direct = (E::as_acc_slice(&[] as &[E]).is_some() && hd % NR == 0)
         .then(|| SharedMut(io.out_ptr().cast::<E::Acc>()));
     let q = io.queries();
-    let lvl = if crate::simd::supported(level) {
-        level
-    } else {
-        Level::Scalar
-    };
     let lsep = SharedMut(lse.as_mut_ptr());
     let chunks = g.chunks();
     let scratch = PerThread::<Scratch<E::Acc>>::new();
@@ -235,17 +230,16 @@ pub(super) fn forward<E: Element>(
                     };
                     if let Some(o) = direct {
                         // SAFETY: the GEMM writes rows i0..i0+bq, columns h·hd..(h+1)·hd
-                        // (whole panels: hd is a multiple of NR) of this task's head only;
-                        // A and B hold the extents `od` implies; `lvl` is supported.
+                        // (whole panels: hd is a multiple of NR) of this task's head only.
                         unsafe {
-                            gemm_raw(
-                                lvl,
+                            gemm_to(
+                                level,
                                 &GemmDims {
                                     ldc: g.heads * hd,
                                     ..od
                                 },
-                                sc.s.as_ptr(),
-                                sc.kv.v.as_ptr(),
+                                &sc.s,
+                                &sc.kv.v,
                                 o.0.add(g.out_at(b, i0, h)),
                             )
                         };
@@ -288,6 +282,8 @@ pub(super) fn backward<E: Element>(
     let (hd, np) = (g.hd, g.keys);
     let (kpad, hpad) = (round_up_nr(np), round_up_nr(hd));
     let kp = panels(np);
+    // As in the forward: fp32 (storage = accumulation type) with whole-panel heads.
+    let direct = E::as_acc_slice(&[] as &[E]).is_some() && hd % NR == 0;
     let dqp = SharedMut(dq.as_mut_ptr());
     let dkvp = SharedMut(dkv.as_mut_ptr());
     let chunks = g.chunks();
@@ -421,7 +417,8 @@ pub(super) fn backward<E: Element>(
                     };
                     gemm(level, &t, da, s, dvt);
                     gemm(level, &GemmDims { csa: rsq, ..t }, qa, dp, dkt);
-                    // dQ = dS·(scale·K), one key panel of dS at a time.
+                    // dQ = dS·(scale·K), one key panel of dS at a time; with fp32 and
+                    // whole-panel heads straight into dq's rows (no staging, no copy).
                     for p in 0..kp {
                         let d = GemmDims {
                             m: bq,
@@ -430,12 +427,19 @@ pub(super) fn backward<E: Element>(
                             rsa: NR,
                             csa: 1,
                             bps: pk.kps,
-                            ldc: hpad,
+                            ldc: if direct { g.q_stride } else { hpad },
                             accumulate: p > 0,
                         };
-                        gemm(level, &d, &dp[p * BQ * NR..], &pk.k[p * NR * NR..], o);
+                        let (a, bb) = (&dp[p * BQ * NR..], &pk.k[p * NR * NR..]);
+                        if direct {
+                            // SAFETY: rows i0..i0+bq, columns h·hd..(h+1)·hd of dq (whole
+                            // panels) belong to this task.
+                            unsafe { gemm_to(level, &d, a, bb, dqp.0.add(qv.base).cast()) };
+                        } else {
+                            gemm(level, &d, a, bb, o);
+                        }
                     }
-                    for r in 0..bq {
+                    for r in (0..bq).filter(|_| !direct) {
                         // SAFETY: query rows i0..i0+bq of head (b, h) belong to this task.
                         unsafe {
                             E::from_acc_slice(
