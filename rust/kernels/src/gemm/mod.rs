@@ -99,19 +99,9 @@ impl GemmDims {
 /// CPU lacks runs the portable kernel.
 #[inline]
 pub fn gemm<T: GemmElem>(level: Level, d: &GemmDims, a: &[T], b: &[T], c: &mut [T]) {
-    assert!(a.len() >= d.need_a(), "gemm: A too short");
-    assert!(b.len() >= d.need_b(), "gemm: B too short");
     assert!(c.len() >= d.need_c(), "gemm: C too short");
-    if d.m == 0 || d.npanels == 0 {
-        return;
-    }
-    let level = if crate::simd::supported(level) {
-        level
-    } else {
-        Level::Scalar
-    };
-    // SAFETY: extents checked above, level supported.
-    unsafe { T::gemm_raw_impl(level, d, a.as_ptr(), b.as_ptr(), c.as_mut_ptr()) }
+    // SAFETY: C's extent checked above and borrowed exclusively.
+    unsafe { gemm_to(level, d, a, b, c.as_mut_ptr()) }
 }
 
 /// GEMM with checked A and B writing C through a raw pointer: for tasks that each write their
