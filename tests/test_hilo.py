@@ -190,6 +190,18 @@ def test_project_inputs_gradcheck(H, W, ws, needs):
     assert torch.autograd.gradcheck(_ProjectInputs.apply, args)
 
 
+def test_module_inference_leaves_a_replaced_layers_input_alone():
+    """A layer swapped for one that returns a view of its input must not have the attention
+    outputs written over that input."""
+    _, ours = _pair(48, 4, 2, 1.0, False, None, dtype=torch.float32)
+    ours.l_q = torch.nn.Identity()  # Lo-Fi only, l_dim == dim: l_q(x) is a view of x
+    x = torch.randn(2, 6 * 4, 48)
+    keep = x.clone()
+    with torch.no_grad():
+        ours(x, 6, 4)
+    assert torch.equal(x, keep)
+
+
 def test_module_inference_leaves_hooked_projection_outputs_alone():
     _, ours = _pair(40, 5, 2, 0.6, True, None, dtype=torch.float32)
     x = torch.randn(2, 7 * 9, 40)

@@ -294,13 +294,14 @@ class HiLo(nn.Module):
         )
 
     def _projections_hooked(self) -> bool:
-        """Whether a forward hook could hold on to ``h_qkv`` / ``l_q`` outputs, which an
-        inference call otherwise overwrites with the attention outputs."""
+        """Whether the ``h_qkv`` / ``l_q`` outputs might be seen elsewhere (a forward hook
+        holding on to them, a replaced layer that returns a view of its input or a cached
+        tensor): an inference call otherwise overwrites them with the attention outputs."""
         from torch.nn.modules import module as _m
 
+        layers = [layer for layer in (getattr(self, "h_qkv", None), getattr(self, "l_q", None)) if layer is not None]
         return bool(_m._global_forward_hooks) or any(
-            layer._forward_hooks for layer in (getattr(self, "h_qkv", None), getattr(self, "l_q", None))
-            if layer is not None
+            layer._forward_hooks or type(layer) is not nn.Linear for layer in layers
         )
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
