@@ -179,6 +179,17 @@ def _pool(x, ws):
     return pooled.permute(0, 2, 3, 1)
 
 
+def _plain_linears(*layers) -> bool:
+    """Plain ``nn.Linear`` layers that no hook watches (theirs or global): a route that
+    skips their forward, or overwrites their outputs, cannot be told apart (a replaced
+    layer may return a view of its input or a cached tensor)."""
+    from torch.nn.modules import module as _m
+
+    return not (_m._global_forward_hooks or _m._global_forward_pre_hooks) and all(
+        type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers
+    )
+
+
 class _ProjectInputs(torch.autograd.Function):
     """HiLo's three input projections ``h_qkv(x)``, ``l_q(x)``, ``l_kv(pool(x))`` with one
     backward that accumulates the input gradient in place: the second GEMM adds into the
@@ -273,35 +284,20 @@ class HiLo(nn.Module):
 
     def _fused_inputs(self, x) -> bool:
         """Whether a training call takes :class:`_ProjectInputs`: both branches, a gradient
-        to record, plain eager CPU, one dtype, no autocast and no hooks on the three layers
-        (they would not run)."""
+        to record, plain eager CPU, one dtype, no autocast and plain unhooked layers (their
+        forward is not called)."""
         if not (self.h_heads and self.l_heads and torch.is_grad_enabled()) or not x.is_cpu:
             return False
         layers = (self.h_qkv, self.l_q, self.l_kv)
         params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         if not (x.requires_grad or any(p.requires_grad for p in params)):
             return False
-        from torch.nn.modules import module as _m
-
         return (
             plain_eager()
             and not torch.is_autocast_enabled("cpu")
             and type(x) is torch.Tensor
             and all(p.dtype == x.dtype and isinstance(p, nn.Parameter) for p in params)
-            and all(type(layer) is nn.Linear for layer in layers)
-            and not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
-            and not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
-        )
-
-    def _projections_hooked(self) -> bool:
-        """Whether the ``h_qkv`` / ``l_q`` outputs might be seen elsewhere (a forward hook
-        holding on to them, a replaced layer that returns a view of its input or a cached
-        tensor): an inference call otherwise overwrites them with the attention outputs."""
-        from torch.nn.modules import module as _m
-
-        layers = [layer for layer in (getattr(self, "h_qkv", None), getattr(self, "l_q", None)) if layer is not None]
-        return bool(_m._global_forward_hooks) or any(
-            layer._forward_hooks or type(layer) is not nn.Linear for layer in layers
+            and _plain_linears(*layers)
         )
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -328,7 +324,8 @@ class HiLo(nn.Module):
             if bias is not None and (H % self.ws or W % self.ws):
                 hi_pad = bias[self.h_dim:].to(hi_qkv.dtype)  # k | v of a zero pad token
         done = None
-        if not self._projections_hooked():
+        # Inference overwrites the h_qkv / l_q outputs: only where nothing else can see them.
+        if _plain_linears(*(layer for layer in (getattr(self, "h_qkv", None), getattr(self, "l_q", None)) if layer is not None)):
             done = _hilo_over_inputs(hi_qkv, lo_q, lo_kv, self.ws, self.head_dim, self.scale, hi_pad)
         if done is None:
             done = hilo_attention(hi_qkv, lo_q, lo_kv, self.ws, self.head_dim, self.scale, hi_pad_kv=hi_pad)

@@ -68,6 +68,11 @@ impl Geometry {
     fn out_at(&self, b: usize, i: usize, h: usize) -> usize {
         ((b * self.q_len + i) * self.heads + h) * self.hd
     }
+    /// Whether the GEMMs write output / dQ rows in place: storage in the accumulation type
+    /// (fp32, f64) and whole NR panels per head, so no write spills into another head.
+    fn gemm_writes_rows<E: Element>(&self) -> bool {
+        E::as_acc_slice(&[] as &[E]).is_some() && self.hd % NR == 0
+    }
     /// Query chunks per head: enough tasks to keep every worker busy.
     fn chunks(&self) -> usize {
         let heads = (self.batch * self.heads).max(1);
@@ -137,7 +142,8 @@ pub(super) fn forward<E: Element>(
     // Storage in the accumulation type and whole panels per head: the P·V GEMM writes the
     // output rows in place (no staging row, no copy pass over the 32 MB output of the
     // paper's layer).
-    let direct = (E::as_acc_slice(&[] as &[E]).is_some() && hd % NR == 0)
+    let direct = g
+        .gemm_writes_rows::<E>()
         .then(|| SharedMut(io.out_ptr().cast::<E::Acc>()));
     let q = io.queries();
     let lsep = SharedMut(lse.as_mut_ptr());
@@ -282,8 +288,7 @@ pub(super) fn backward<E: Element>(
     let (hd, np) = (g.hd, g.keys);
     let (kpad, hpad) = (round_up_nr(np), round_up_nr(hd));
     let kp = panels(np);
-    // As in the forward: fp32 (storage = accumulation type) with whole-panel heads.
-    let direct = E::as_acc_slice(&[] as &[E]).is_some() && hd % NR == 0;
+    let direct = g.gemm_writes_rows::<E>();
     let dqp = SharedMut(dq.as_mut_ptr());
     let dkvp = SharedMut(dkv.as_mut_ptr());
     let chunks = g.chunks();
