@@ -8,7 +8,8 @@ that cell. fastattn and each peer are timed in alternating rounds, so a noisy sp
 both sides of a ratio; ``~`` marks a ratio whose rounds disagree by more than 15%.
 
 The default run respects the reader's time (a few minutes on 2 cores): a call that takes
-longer than ``--slow`` seconds is timed once after its warm-up instead of repeatedly, and a
+longer than ``--slow`` seconds is timed three times (its first call and one in each of two
+alternating rounds), one longer than ``--once`` seconds once after its warm-up, and a
 peer call predicted (from its time on a smaller case of the same family) to exceed
 ``--budget`` seconds is skipped with the prediction printed. ``--full`` times every call
 best-of-N and skips nothing but what would not fit in memory.
@@ -91,7 +92,7 @@ def time_row(case, direction: str, args, predictor: Predictor, progress: Progres
         return None
     times, skipped, ratios, spread, method = {}, {}, {}, {}, {}
     ours_runs: list[SideTiming] = []
-    ours_once = None  # fastattn slower than --slow: timed once, reused for the later pairs
+    ours_once = None  # fastattn slower than --once: timed once, reused for the later pairs
     for name, impl in case.impls.items():
         if name == "fastattn":
             continue
@@ -109,7 +110,7 @@ def time_row(case, direction: str, args, predictor: Predictor, progress: Progres
         progress.show(f"{case.op} {case.shape} {direction}: fastattn vs {name}")
         sides = {name: fn} if ours_once else {"fastattn": ours, name: fn}
         try:
-            res = interleaved(sides, slow=args.slow, repeat_slow=args.full)
+            res = interleaved(sides, slow=args.slow, repeat_slow=args.full, once_above=args.once)
         except SideFailed as e:
             progress.clear()
             print(f"  {e.name} {case.shape} {direction}: {e}", file=sys.stderr)
@@ -133,7 +134,8 @@ def time_row(case, direction: str, args, predictor: Predictor, progress: Progres
     if not ours_runs:  # no peer ran: fastattn alone
         progress.show(f"{case.op} {case.shape} {direction}: fastattn")
         try:
-            ours_runs.append(interleaved({"fastattn": ours}, slow=args.slow, repeat_slow=args.full)["fastattn"])
+            ours_runs.append(interleaved({"fastattn": ours}, slow=args.slow, repeat_slow=args.full,
+                                        once_above=args.once)["fastattn"])
         except SideFailed as e:
             progress.clear()
             print(f"  fastattn {case.shape} {direction}: {e}", file=sys.stderr)
@@ -225,7 +227,8 @@ def _quiet_libraries() -> None:
 
 def _child(args, fam: str, out: str) -> bool:
     cmd = [sys.executable, os.path.abspath(__file__), "--family", fam, "--threads", str(args.threads),
-           "--budget", str(args.budget), "--slow", str(args.slow), "--child-rows", out]
+           "--budget", str(args.budget), "--slow", str(args.slow), "--once", str(args.once),
+           "--child-rows", out]
     cmd += ["--quick"] * args.quick + ["--full"] * args.full
     return subprocess.run(cmd).returncode == 0
 
@@ -241,7 +244,10 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=3.0, metavar="S",
                    help="skip a peer's call predicted to take more than S seconds (default 3; not with --full)")
     p.add_argument("--slow", type=float, default=0.2, metavar="S",
-                   help="time calls slower than S seconds once after warm-up (default 0.2; not with --full)")
+                   help="time calls slower than S seconds three times, in two alternating rounds after the "
+                        "first (default 0.2; not with --full)")
+    p.add_argument("--once", type=float, default=1.0, metavar="S",
+                   help="time calls slower than S seconds once after warm-up (default 1; not with --full)")
     p.add_argument("--plot", metavar="PNG", help="also write a speedup plot")
     p.add_argument("--json", metavar="PATH",
                    help="also write every row and the machine facts as JSON (compare runs: benches/compare.py)")
@@ -262,7 +268,7 @@ def main(argv=None):
         "fastattn": fastattn.__version__, "torch": torch.__version__, "cpu": _cpu_name(),
         "threads": args.threads, "fastattn_threads": fastattn.num_threads(), "torch_threads": torch.get_num_threads(),
         "simd": fastattn.simd_level(), "dtype": "fp32", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "mode": "full" if args.full else f"budget {args.budget:g} s/call, slow {args.slow:g} s",
+        "mode": "full" if args.full else f"budget {args.budget:g} s/call, slow {args.slow:g} s, once {args.once:g} s",
         "quick": args.quick, "families": args.family or list(FAMILIES),
     }
     print(f"fastattn {facts['fastattn']} | torch {facts['torch']} | {facts['cpu']} | threads {args.threads} "
@@ -300,7 +306,8 @@ def main(argv=None):
           f"{facts['matmul_gflops']:.1f} GFLOP/s")
     print(f"fp32 FMA peak ({facts['simd']} vector FMA chains, see docs/benchmarks.md): {peak.describe()}")
     timing = ("best-of-N wall clock" if args.full else
-              f"best-of-N wall clock in alternating rounds (one call after warm-up for calls over {args.slow:g} s)")
+              f"best-of-N wall clock in alternating rounds (best of 3 calls for calls over {args.slow:g} s, "
+              f"one call after warm-up over {args.once:g} s)")
     print(f"times are {timing}; speedup = peer time / fastattn time in the same rounds, "
           f"~ where those rounds disagree by more than {DISAGREE:.0%}\n")
     for row in rows:

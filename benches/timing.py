@@ -1,5 +1,5 @@
-"""Wall-clock timing for the table: warm up, then the best of several calls (or one call,
-for calls slow enough that one is a stable figure), fastattn and a peer in alternating rounds
+"""Wall-clock timing for the table: warm up, then the best of several calls (three for slow
+calls, one for calls over a second), fastattn and a peer in alternating rounds
 so that both sides of a ratio see the same machine, and a progress line for terminals."""
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ def best_time(fn, min_runs: int = 3, min_seconds: float = 0.3, max_runs: int = 5
 SLICE = 0.03
 MIN_ROUNDS, MAX_ROUNDS = 3, 10
 MIN_SECONDS = 0.3
+# A pair with a side slower than ``slow`` runs SLOW_ROUNDS rounds of one call for that side:
+# its figure is the best of three calls. A single call is not a stable figure on these VMs:
+# the HiLo paper layer's forward (about 150 ms best) once took 374 ms on its one call, and
+# page faults on fresh 38 MB buffers alone move a call by 10-20 ms. Sides slower than
+# ``once_above`` (ONCE_ABOVE seconds) keep their first call, to bound the run's length.
+SLOW_ROUNDS = 2
+ONCE_ABOVE = 1.0
 MAX_CALLS = 10_000
 # The rounds of a pair disagree when their per-round ratios spread by more than this.
 DISAGREE = 0.15
@@ -57,7 +64,7 @@ class SideTiming:
     """One side of an interleaved timing: its best call, and how it was reached."""
 
     best: float
-    once: bool = False  # slower than ``slow``: one call after the warm-up, not in the rounds
+    once: bool = False  # slower than ``once_above``: one call after the warm-up, not in the rounds
     calls_per_round: int = 0
     round_bests: list[float] = field(default_factory=list)
 
@@ -76,13 +83,15 @@ class SideFailed(Exception):
 
 def interleaved(fns: dict[str, Callable[[], object]], slow: float = 0.2, repeat_slow: bool = False,
                 slice_s: float | None = None, min_rounds: int | None = None, max_rounds: int | None = None,
-                min_seconds: float | None = None) -> dict[str, SideTiming]:
+                min_seconds: float | None = None, once_above: float | None = None) -> dict[str, SideTiming]:
     """Times several callables in alternating rounds (A…A B…B A…A B…B …): every side is warmed
     up and timed once, then each round runs every side for about ``slice_s`` seconds of calls,
     in turn, the same number of rounds for all; a side's figure is its fastest call. A noisy
-    spell then lands on both sides of a ratio instead of on one. A side whose first timed call
-    takes longer than ``slow`` keeps that one call (unless ``repeat_slow``) and sits the
-    rounds out."""
+    spell then lands on both sides of a ratio instead of on one. Unless ``repeat_slow``: when
+    a side's first timed call takes longer than ``slow``, every side runs SLOW_ROUNDS rounds
+    and that side one call per round; a side whose first call takes longer than
+    ``once_above`` keeps that one call and sits the rounds out."""
+    once_above = ONCE_ABOVE if once_above is None else once_above
     slice_s = SLICE if slice_s is None else slice_s
     min_rounds = MIN_ROUNDS if min_rounds is None else min_rounds
     max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
@@ -94,7 +103,7 @@ def interleaved(fns: dict[str, Callable[[], object]], slow: float = 0.2, repeat_
             first[name] = _timed(fn)
         except Exception as e:  # noqa: BLE001
             raise SideFailed(name, e) from e
-    out = {name: SideTiming(t, once=not repeat_slow and t > slow) for name, t in first.items()}
+    out = {name: SideTiming(t, once=not repeat_slow and t > once_above) for name, t in first.items()}
     live = {n: fns[n] for n in fns if not out[n].once}
     if not live:
         return out
@@ -102,6 +111,11 @@ def interleaved(fns: dict[str, Callable[[], object]], slow: float = 0.2, repeat_
         out[name].calls_per_round = min(MAX_CALLS, max(1, round(slice_s / max(first[name], 1e-9))))
     longest = max(out[n].calls_per_round * first[n] for n in live)
     rounds = max(min_rounds, min(max_rounds, -(-min_seconds // max(longest, 1e-9))))
+    if not repeat_slow and any(first[n] > slow for n in live):
+        rounds = SLOW_ROUNDS
+        for name in live:
+            if first[name] > slow:
+                out[name].calls_per_round = 1
     for _ in range(int(rounds)):
         for name, fn in live.items():
             side = out[name]

@@ -126,17 +126,32 @@ def test_interleaving_alternates_and_runs_each_side_the_same_rounds():
     assert a.best == min([a.best, *a.round_bests]) and b.best <= min(b.round_bests)
 
 
-def test_a_slow_side_is_timed_once_and_sits_the_rounds_out():
+def test_a_very_slow_side_is_timed_once_and_sits_the_rounds_out():
     log = []
     fns = {"fastattn": lambda: log.append("a"), "slow": lambda: [log.append("s"), time.sleep(0.02)]}
-    res = timing.interleaved(fns, slow=0.01, slice_s=1e-3, min_seconds=0.001)
+    res = timing.interleaved(fns, slow=0.005, once_above=0.01, slice_s=1e-3, min_seconds=0.001)
     assert res["slow"].once and res["slow"].rounds == 0 and log.count("s") == 2
     assert res["slow"].best >= 0.02
     assert not res["fastattn"].once and res["fastattn"].rounds >= timing.MIN_ROUNDS
     assert timing.disagreement(res["fastattn"], res["slow"]) is None
-    again = timing.interleaved(fns, slow=0.01, repeat_slow=True, slice_s=1e-3, min_rounds=2, max_rounds=2,
-                               min_seconds=0.001)
+    again = timing.interleaved(fns, slow=0.005, once_above=0.01, repeat_slow=True, slice_s=1e-3, min_rounds=2,
+                               max_rounds=2, min_seconds=0.001)
     assert not again["slow"].once and again["slow"].rounds == again["fastattn"].rounds == 2
+
+
+def test_a_slow_side_runs_one_call_in_each_of_the_slow_rounds():
+    # One bad first call must not become the side's figure: the slow side is timed again in
+    # alternating single-call rounds, and its best is the fastest of those calls.
+    log, delays = [], iter([0.01, 0.05] + [0.012] * 10)
+    fns = {"fastattn": lambda: log.append("a"), "slow": lambda: [log.append("s"), time.sleep(next(delays))]}
+    res = timing.interleaved(fns, slow=0.005, once_above=1.0, slice_s=1e-3, min_seconds=0.001)
+    s, a = res["slow"], res["fastattn"]
+    assert not s.once and s.calls_per_round == 1
+    assert s.rounds == a.rounds == timing.SLOW_ROUNDS
+    assert log.count("s") == 2 + timing.SLOW_ROUNDS
+    assert [n for n, _ in _runs(log)[2:]] == ["a", "s"] * timing.SLOW_ROUNDS
+    assert 0.012 <= s.best < 0.05  # the slow first timed call (0.05 s) is not kept
+    assert timing.disagreement(a, s) is not None
 
 
 def test_a_failing_side_is_named():
@@ -161,7 +176,7 @@ def test_disagreement_compares_the_halves_of_the_rounds():
 
 
 def _args(**kw):
-    return argparse.Namespace(**{"full": False, "slow": 0.2, "budget": 3.0, **kw})
+    return argparse.Namespace(**{"full": False, "slow": 0.2, "once": 1.0, "budget": 3.0, **kw})
 
 
 def _fake_case(calls):
