@@ -151,10 +151,7 @@ pub(super) fn backward<E: Element>(
                 let dps = pack_cols(dout, ov, E::Acc::ONE, &mut dc);
                 for r in 0..bq {
                     E::to_acc_slice(&out[(row0 + r * h) * hv..][..hv], &mut orow);
-                    delta[r] = orow
-                        .iter()
-                        .zip(&da[r * rsd..][..hv])
-                        .fold(E::Acc::ZERO, |a, (&x, &y)| a + x * y);
+                    E::Acc::dot_rows(level, &orow, 0, &da[r * rsd..][..hv], &mut delta[r..r + 1]);
                     lse2[r] = lse[row0 + r * h] * log2e;
                 }
                 gq.fill(E::Acc::ZERO);
@@ -193,23 +190,19 @@ pub(super) fn backward<E: Element>(
                                 mi
                             };
                             let l = E::Acc::exp2_sub_sum(level, inner, mi);
-                            E::Acc::scale(level, inner, E::Acc::ONE / l); // in-block weights w
-                            let wdot = inner
-                                .iter()
-                                .zip(&ds[..bs - 1])
-                                .fold(E::Acc::ZERO, |t, (&w, &x)| t + w * x);
-                            E::Acc::scale(level, inner, gate);
-                            for j in 0..bs - 1 {
-                                ds[j] = a[j] * (ds[j] - wdot);
-                            }
+                            // The in-block weights are w = p / l: Σ w·e = (p·e) / l, and
+                            // one scaling by G / l turns p into a = G·w.
+                            let mut pe = [E::Acc::ZERO];
+                            E::Acc::dot_rows(level, inner, 0, &ds[..bs - 1], &mut pe);
+                            let wdot = pe[0] / l;
+                            E::Acc::scale(level, inner, gate / l);
+                            E::Acc::mul_sub(level, &mut ds[..bs - 1], inner, wdot);
                             ds[bs - 1] = gate * (wdot - delta[r]);
                             a[bs - 1] = E::Acc::ZERO;
                         } else if g == qb {
                             let (_, n) = own_block(p, bs);
-                            for j in 0..n {
-                                a[j] = E::Acc::exp2(a[j] - lse2[r]);
-                                ds[j] = a[j] * (ds[j] - delta[r]);
-                            }
+                            E::Acc::exp2_sub_sum(level, &mut a[..n], lse2[r]);
+                            E::Acc::mul_sub(level, &mut ds[..n], &a[..n], delta[r]);
                             a[n..].fill(E::Acc::ZERO);
                             ds[n..].fill(E::Acc::ZERO);
                         } else {
