@@ -1,13 +1,34 @@
 """Landmark retrieval (docs/landmark.md, Retrieval) against a brute-force float64 transcription,
 written query by query with explicit candidate lists, for every selection mode; top_k from 0
-to past the number of blocks (where it is the training form); ties; indices; bad input."""
+to past the number of blocks (where it is the training form); ties; indices; bad input. Both
+implementations: the Rust kernel (CPU tensors, every SIMD level, and the numpy twin) and the
+PyTorch one that serves other devices."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import fastattn
+import fastattn.numpy as fnp
+from fastattn.landmark import _retrieval_torch, retrieval_dims
+
+
+def _torch_impl(q, k, v, bs, top_k, scale=None, selection="per_token_and_head", return_indices=False):
+    """The PyTorch implementation called directly (on CPU tensors it is otherwise unused)."""
+    dims = retrieval_dims(q.shape, k.shape, v.shape, bs, top_k, selection, return_indices)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _retrieval_torch(q, k, v, bs, top_k, scale, selection, return_indices, dims)
+
+
+def _numpy_impl(q, k, v, bs, top_k, scale=None, selection="per_token_and_head", return_indices=False):
+    got = fnp.landmark_retrieval_attention(q.numpy(), k.numpy(), v.numpy(), bs, top_k, scale, selection,
+                                           return_indices)
+    return (torch.from_numpy(got[0]), torch.from_numpy(got[1])) if return_indices else torch.from_numpy(got)
+
+
+IMPLS = {"rust": fastattn.landmark_retrieval_attention, "torch": _torch_impl, "numpy": _numpy_impl}
 
 D64 = torch.float64
 MODES = ("per_token_and_head", "max_over_heads", "max_over_tokens")
@@ -70,13 +91,14 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Tq{}-Tk{}-H{}-{}-D{}-{}-bs{}".format(*s))
 @pytest.mark.parametrize("top_k", [0, 1, 2, 5, 100])
-def test_matches_brute_force(mode, shape, top_k):
+def test_matches_brute_force(impl, mode, shape, top_k):
     b, tq, tk, h, hkv, d, dv, bs = shape
     q, k, v = torch.randn(b, tq, h, d, dtype=D64), torch.randn(b, tk, hkv, d, dtype=D64), torch.randn(b, tk, hkv, dv, dtype=D64)
-    out, idx = fastattn.landmark_retrieval_attention(q, k, v, bs, top_k, 0.6, mode, return_indices=True)
+    out, idx = IMPLS[impl](q, k, v, bs, top_k, 0.6, mode, return_indices=True)
     want, kept = _brute(q, k, v, bs, top_k, 0.6, mode)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     assert idx.shape == (b, h, tq, top_k) and idx.dtype == torch.int64
@@ -88,30 +110,57 @@ def test_matches_brute_force(mode, shape, top_k):
                 assert all(g == -1 for g in idx[bb, hh, i, len(got):].tolist())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
-def test_keeping_every_block_is_the_training_form(mode):
+def test_keeping_every_block_is_the_training_form(impl, mode):
     q, k, v = torch.randn(2, 7, 4, 8, dtype=D64), torch.randn(2, 45, 2, 8, dtype=D64), torch.randn(2, 45, 2, 8, dtype=D64)
-    got = fastattn.landmark_retrieval_attention(q, k, v, 5, 9, selection=mode)
+    got = IMPLS[impl](q, k, v, 5, 9, selection=mode)
     torch.testing.assert_close(got, fastattn.landmark_attention(q, k, v, 5), rtol=1e-10, atol=1e-12)
 
 
-def test_ties_go_to_the_earlier_block():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_go_to_the_earlier_block(impl):
     q = torch.randn(1, 1, 1, 4, dtype=D64)
     k, v = torch.randn(1, 17, 1, 4, dtype=D64), torch.randn(1, 17, 1, 4, dtype=D64)
     k[0, 3] = k[0, 11]  # blocks 0 and 2 have the same landmark key (block size 4)
     k[0, 7] = k[0, 11] - 5 * q[0, 0, 0] / q[0, 0, 0].norm()  # block 1 ranks below them
     for mode in MODES:
-        _, idx = fastattn.landmark_retrieval_attention(q, k, v, 4, 1, selection=mode, return_indices=True)
+        _, idx = IMPLS[impl](q, k, v, 4, 1, selection=mode, return_indices=True)
         assert idx.flatten().tolist() == [0], mode
-        _, idx = fastattn.landmark_retrieval_attention(q, k, v, 4, 2, selection=mode, return_indices=True)
+        _, idx = IMPLS[impl](q, k, v, 4, 2, selection=mode, return_indices=True)
         assert idx.flatten().tolist() == [0, 2], mode
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_matches_brute_force_every_level(simd_level, mode):
+    # a decode-like shape with head dims past one vector, and a chunk of float32 queries
+    q, k, v = torch.randn(1, 3, 4, 40, dtype=D64), torch.randn(1, 150, 2, 40, dtype=D64), torch.randn(1, 150, 2, 24, dtype=D64)
+    out, idx = fastattn.landmark_retrieval_attention(q, k, v, 16, 3, 0.2, mode, return_indices=True)
+    want, kept = _brute(q, k, v, 16, 3, 0.2, mode)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    assert [[[g for g in row if g >= 0] for row in hh] for hh in idx[0].tolist()] == kept[0]
+    got = fastattn.landmark_retrieval_attention(q.float(), k.float(), v.float(), 16, 3, 0.2, mode)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_numpy_float16_and_bad_input():
+    q, k, v = (np.random.default_rng(0).standard_normal(s).astype(np.float16) for s in ((1, 2, 2, 8), (1, 40, 2, 8), (1, 40, 2, 8)))
+    got = fnp.landmark_retrieval_attention(q, k, v, 8, 2)
+    want = fnp.landmark_retrieval_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), 8, 2)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=5e-3, atol=5e-3)
+    with pytest.raises(ValueError, match="selection"):
+        fnp.landmark_retrieval_attention(q, k, v, 8, 2, selection="max")
+    with pytest.raises(TypeError, match="k_cache"):
+        fnp.landmark_retrieval_attention(q, k.tolist(), v, 8, 2)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_lower_precision(dtype, tol):
+@pytest.mark.parametrize("impl", ["rust", "torch"])
+def test_lower_precision(impl, dtype, tol):
     q, k, v = torch.randn(1, 3, 4, 16, dtype=dtype), torch.randn(1, 70, 4, 16, dtype=dtype), torch.randn(1, 70, 4, 16, dtype=dtype)
-    got = fastattn.landmark_retrieval_attention(q, k, v, 8, 3)
-    want = fastattn.landmark_retrieval_attention(q.double(), k.double(), v.double(), 8, 3)
+    got = IMPLS[impl](q, k, v, 8, 3)
+    want = IMPLS[impl](q.double(), k.double(), v.double(), 8, 3)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 

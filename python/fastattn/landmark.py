@@ -194,12 +194,12 @@ def fused_landmark_attention(q: Tensor, k: Tensor, v: Tensor, is_mem: Tensor, sm
 SELECTIONS = ("per_token_and_head", "max_over_heads", "max_over_tokens")
 
 
-def _retrieval_args(q, k_cache, v_cache, block_size, top_k, scale, selection, return_indices):
-    check_tensors(q=q, k_cache=k_cache, v_cache=v_cache)
-    b, tq, tk, hq, hkv, d, dv = _checks.attention_dims(q.shape, k_cache.shape, v_cache.shape,
-                                                       ("q", "k_cache", "v_cache"))
+def retrieval_dims(q_shape, k_shape, v_shape, block_size, top_k, selection, return_indices) -> tuple[int, ...]:
+    """Validates a retrieval call's shapes and options (torch and numpy alike); returns
+    ``(B, Tq, Tk, H, H_kv, D, Dv)``."""
+    b, tq, tk, hq, hkv, d, dv = _checks.attention_dims(q_shape, k_shape, v_shape, ("q", "k_cache", "v_cache"))
     if hq == 0 or hkv == 0 or d == 0 or dv == 0:
-        raise ValueError(f"head counts and dims must be positive, got q {tuple(q.shape)}, v_cache {tuple(v_cache.shape)}")
+        raise ValueError(f"head counts and dims must be positive, got q {tuple(q_shape)}, v_cache {tuple(v_shape)}")
     if tq > tk:
         raise ValueError(f"q has more positions ({tq}) than k_cache ({tk}): the queries are the cache's last positions")
     check_block_size(block_size)
@@ -207,13 +207,31 @@ def _retrieval_args(q, k_cache, v_cache, block_size, top_k, scale, selection, re
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if selection not in SELECTIONS:
+    if not isinstance(selection, str) or selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     _checks.check_bool("return_indices", return_indices)
+    return b, tq, tk, hq, hkv, d, dv
+
+
+def _retrieval_args(q, k_cache, v_cache, block_size, top_k, scale, selection, return_indices):
+    check_tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    dims = retrieval_dims(q.shape, k_cache.shape, v_cache.shape, block_size, top_k, selection, return_indices)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise RuntimeError("landmark_retrieval_attention is inference only (no backward): call it under "
                            "torch.no_grad() or with inputs that do not require grad")
-    return _checks.check_scale(scale, d ** -0.5), (b, tq, tk, hq, hkv, d, dv)
+    return _checks.check_scale(scale, dims[5] ** -0.5), dims
+
+
+def _retrieval_cpu(q, k_cache, v_cache, block_size, top_k, scale, selection, dims):
+    """The Rust kernel (rust/kernels/src/landmark/retrieval.rs): ``(out, kept)``."""
+    b, tq, tk, hq, hkv, d, dv = dims
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    out = q.new_empty((b, tq, hq, dv))
+    kept = torch.empty((b, hq, tq, top_k), dtype=torch.int64)
+    if out.numel():
+        lib.landmark_retrieval(dtype_name(q.dtype), (b, tq, tk, hq, hkv, d, dv, block_size), scale, top_k, selection,
+                               num_threads(), buf(q), buf(k_cache), buf(v_cache), buf(out), buf(kept))
+    return out, kept
 
 
 def landmark_retrieval_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_size: int, top_k: int,
@@ -236,8 +254,17 @@ def landmark_retrieval_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bl
     Work per query: its landmark scores (one per complete block), then ``top_k`` blocks and its
     own block, never the whole cache. Forward only: a ``RuntimeError`` if a gradient is needed.
     """
-    scale, (b, tq, tk, hq, hkv, d, dv) = _retrieval_args(q, k_cache, v_cache, block_size, top_k, scale,
-                                                         selection, return_indices)
+    scale, dims = _retrieval_args(q, k_cache, v_cache, block_size, top_k, scale, selection, return_indices)
+    if q.device.type == "cpu":
+        out, kept = _retrieval_cpu(q, k_cache, v_cache, block_size, top_k, scale, selection, dims)
+        return (out, kept) if return_indices else out
+    return _retrieval_torch(q, k_cache, v_cache, block_size, top_k, scale, selection, return_indices, dims)
+
+
+def _retrieval_torch(q, k_cache, v_cache, block_size, top_k, scale, selection, return_indices, dims):
+    """The same retrieval in PyTorch ops, for tensors off the CPU until a CUDA kernel lands
+    (and the tests' second implementation)."""
+    b, tq, tk, hq, hkv, d, dv = dims
     bs, group, dev = block_size, hq // hkv, q.device
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qa = q.to(acc)

@@ -21,6 +21,7 @@ __all__ = [
     "hilo_attention_backward",
     "landmark_attention",
     "landmark_attention_backward",
+    "landmark_retrieval_attention",
     "linear_attention",
     "linear_attention_backward",
     "neighborhood_attention",
@@ -378,3 +379,21 @@ def landmark_attention_backward(dout, q, k, v, out, lse, block_size=64, scale=No
         _buf(q), _buf(k), _buf(v), _buf(out), _buf(dout), _buf(lse), _buf(dq), _buf(dk), _buf(dv_),
     )
     return dq, dk, dv_
+
+
+def landmark_retrieval_attention(q, k_cache, v_cache, block_size, top_k, scale=None, selection="per_token_and_head",
+                                 return_indices=False):
+    """Landmark retrieval for inference on ``[B, T, H, D]`` arrays; see
+    :func:`fastattn.landmark_retrieval_attention` (indices int64 ``[B, H, Tq, top_k]``)."""
+    from .landmark import retrieval_dims
+
+    q, k_cache, v_cache = _arrays(q=q, k_cache=k_cache, v_cache=v_cache)
+    dims = retrieval_dims(q.shape, k_cache.shape, v_cache.shape, block_size, top_k, selection, return_indices)
+    b, tq, tk, hq, hkv, d, dv = dims
+    scale = _checks.check_scale(scale, d ** -0.5)
+    out = np.empty((b, tq, hq, dv), dtype=q.dtype)
+    kept = np.empty((b, hq, tq, top_k), dtype=np.int64)
+    if out.size:
+        lib.landmark_retrieval(q.dtype.name, (b, tq, tk, hq, hkv, d, dv, block_size), scale, top_k, selection,
+                               num_threads(), _buf(q), _buf(k_cache), _buf(v_cache), _buf(out), _buf(kept))
+    return (out, kept) if return_indices else out

@@ -16,8 +16,11 @@
 
 mod backward;
 mod forward;
+mod retrieval;
 #[cfg(test)]
 mod tests;
+
+pub use retrieval::Selection;
 
 use crate::element::Element;
 use crate::error::{check_len, KernelError};
@@ -144,6 +147,46 @@ pub fn backward<E: Element>(
         dq,
         dk,
         dv,
+    );
+    Ok(())
+}
+
+/// Retrieval for inference (docs/landmark.md, Retrieval): `out [B, Tq, H, Dv]` and the kept
+/// blocks `kept [B, H, Tq, top_k]` (best first, `-1` in unused slots). Work per query: one
+/// landmark score per complete block before its own, then `top_k` blocks and its own block.
+#[allow(clippy::too_many_arguments)]
+pub fn retrieval<E: Element>(
+    d: &LandmarkDims,
+    scale: f64,
+    top_k: usize,
+    selection: Selection,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    out: &mut [E],
+    kept: &mut [i64],
+) -> Result<(), KernelError> {
+    check(d)?;
+    let (h, dk, dv) = (d.q_heads, d.head_dim, d.v_head_dim);
+    check_len("q", q, d.batch * d.q_len * h * dk)?;
+    check_len("k_cache", k, d.batch * d.kv_len * d.kv_heads * dk)?;
+    check_len("v_cache", v, d.batch * d.kv_len * d.kv_heads * dv)?;
+    check_len("out", out, d.batch * d.q_len * h * dv)?;
+    check_len("kept", kept, d.batch * h * d.q_len * top_k)?;
+    if d.batch == 0 || d.q_len == 0 || h == 0 {
+        return Ok(());
+    }
+    retrieval::retrieval(
+        simd::active(),
+        d,
+        scale,
+        top_k,
+        selection,
+        q,
+        k,
+        v,
+        out,
+        kept,
     );
     Ok(())
 }

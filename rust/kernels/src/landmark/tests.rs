@@ -140,6 +140,16 @@ fn to<E: Element>(x: &[f64]) -> Vec<E> {
         .collect()
 }
 
+/// The inputs rounded to `E` (half inputs are compared with the rounded inputs' answer).
+fn rounded<E: Element>(x: &Inputs) -> Inputs {
+    let r = |a: &[f64]| to::<E>(a).iter().map(|v| v.to_acc().to_f64()).collect();
+    Inputs {
+        q: r(&x.q),
+        k: r(&x.k),
+        v: r(&x.v),
+    }
+}
+
 fn run_fwd<E: Element>(d: &LandmarkDims, scale: f64, x: &Inputs) -> (Vec<f64>, Vec<f64>) {
     let (q, k, v) = (to::<E>(&x.q), to::<E>(&x.k), to::<E>(&x.v));
     let mut out = vec![E::from_acc(E::Acc::ZERO); d.batch * d.q_len * d.q_heads * d.v_head_dim];
@@ -181,11 +191,7 @@ fn forward_matches_naive_every_level_and_dtype() {
             close(&o, &want, 2e-5, &format!("f32 out {what}"));
             close(&l, &want_lse, 2e-5, &format!("f32 lse {what}"));
             // half inputs are rounded first: compare with the rounded inputs' answer
-            let xb = Inputs {
-                q: to::<bf16>(&x.q).iter().map(|v| v.to_f64()).collect(),
-                k: to::<bf16>(&x.k).iter().map(|v| v.to_f64()).collect(),
-                v: to::<bf16>(&x.v).iter().map(|v| v.to_f64()).collect(),
-            };
+            let xb = rounded::<bf16>(&x);
             let (wb, _) = naive(d, scale, &xb);
             close(
                 &run_fwd::<bf16>(d, scale, &xb).0,
@@ -193,11 +199,7 @@ fn forward_matches_naive_every_level_and_dtype() {
                 1e-2,
                 &format!("bf16 out {what}"),
             );
-            let xh = Inputs {
-                q: to::<f16>(&x.q).iter().map(|v| v.to_f64()).collect(),
-                k: to::<f16>(&x.k).iter().map(|v| v.to_f64()).collect(),
-                v: to::<f16>(&x.v).iter().map(|v| v.to_f64()).collect(),
-            };
+            let xh = rounded::<f16>(&x);
             let (wh, _) = naive(d, scale, &xh);
             close(
                 &run_fwd::<f16>(d, scale, &xh).0,
@@ -348,4 +350,206 @@ fn bad_arguments_are_errors() {
         backward(&ok, 1.0, &q, &k, &v, &o, &o, &l, &mut dq, &mut dk, &mut dv),
         Err(KernelError::Length { .. })
     ));
+}
+
+/// Retrieval written query by query from docs/landmark.md: `(out, kept)` in float64.
+fn naive_retrieval(
+    d: &LandmarkDims,
+    scale: f64,
+    top_k: usize,
+    sel: Selection,
+    x: &Inputs,
+) -> (Vec<f64>, Vec<i64>) {
+    let (h, hd, hv, bs) = (d.q_heads, d.head_dim, d.v_head_dim, d.block);
+    let group = h / d.kv_heads;
+    let score = |b: usize, i: usize, hh: usize, j: usize| {
+        let at = ((b * d.q_len + i) * h + hh) * hd;
+        let kr = ((b * d.kv_len + j) * d.kv_heads + hh / group) * hd;
+        scale * (0..hd).map(|c| x.q[at + c] * x.k[kr + c]).sum::<f64>()
+    };
+    let pos = |i: usize| d.kv_len - d.q_len + i;
+    // candidates' softmax probabilities, per (b, hh, i)
+    let probs = |b: usize, hh: usize, i: usize| -> Vec<f64> {
+        let ls: Vec<f64> = (0..pos(i) / bs)
+            .map(|g| score(b, i, hh, g * bs + bs - 1))
+            .collect();
+        let m = ls.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = ls.iter().map(|x| (x - m).exp()).sum();
+        ls.iter().map(|x| (x - m).exp() / z).collect()
+    };
+    let mut out = vec![0.0; d.batch * d.q_len * h * hv];
+    let mut kept = vec![-1i64; d.batch * h * d.q_len * top_k];
+    for b in 0..d.batch {
+        for hh in 0..h {
+            for i in 0..d.q_len {
+                let p = pos(i);
+                let mine = probs(b, hh, i);
+                let rank = |g: usize| match sel {
+                    Selection::PerTokenAndHead => mine[g],
+                    Selection::MaxOverHeads => (0..h)
+                        .map(|x| probs(b, x, i)[g])
+                        .fold(f64::NEG_INFINITY, f64::max),
+                    Selection::MaxOverTokens => (0..d.q_len)
+                        .filter(|&j| g < pos(j) / bs)
+                        .map(|j| probs(b, hh, j)[g])
+                        .fold(f64::NEG_INFINITY, f64::max),
+                };
+                let mut chosen: Vec<usize> = (0..p / bs).collect();
+                chosen.sort_by(|&a, &c| rank(c).partial_cmp(&rank(a)).unwrap().then(a.cmp(&c)));
+                chosen.truncate(top_k);
+                let at = (b * h + hh) * d.q_len + i;
+                for (s, &g) in chosen.iter().enumerate() {
+                    kept[at * top_k + s] = g as i64;
+                }
+                // items: (logit, value row)
+                let vrow = |j: usize| {
+                    let r = ((b * d.kv_len + j) * d.kv_heads + hh / group) * hv;
+                    x.v[r..r + hv].to_vec()
+                };
+                let mut items: Vec<(f64, Vec<f64>)> = (p / bs * bs..=p)
+                    .filter(|j| j % bs != bs - 1)
+                    .map(|j| (score(b, i, hh, j), vrow(j)))
+                    .collect();
+                for &g in &chosen {
+                    let s: Vec<f64> = (g * bs..g * bs + bs - 1)
+                        .map(|j| score(b, i, hh, j))
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    let mut avg = vec![0.0; hv];
+                    for (t, sj) in s.iter().enumerate() {
+                        for (a, vv) in avg.iter_mut().zip(vrow(g * bs + t)) {
+                            *a += (sj - m).exp() / l * vv;
+                        }
+                    }
+                    items.push((score(b, i, hh, g * bs + bs - 1), avg));
+                }
+                let m = items.iter().map(|x| x.0).fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = items.iter().map(|x| (x.0 - m).exp()).sum();
+                let o = ((b * d.q_len + i) * h + hh) * hv;
+                for (logit, val) in &items {
+                    for c in 0..hv {
+                        out[o + c] += (logit - m).exp() / z * val[c];
+                    }
+                }
+            }
+        }
+    }
+    (out, kept)
+}
+
+fn run_retrieval<E: Element>(
+    d: &LandmarkDims,
+    scale: f64,
+    top_k: usize,
+    sel: Selection,
+    x: &Inputs,
+) -> (Vec<f64>, Vec<i64>) {
+    let (q, k, v) = (to::<E>(&x.q), to::<E>(&x.k), to::<E>(&x.v));
+    let mut out = vec![E::from_acc(E::Acc::ZERO); d.batch * d.q_len * d.q_heads * d.v_head_dim];
+    let mut kept = vec![7i64; d.batch * d.q_heads * d.q_len * top_k];
+    retrieval(d, scale, top_k, sel, &q, &k, &v, &mut out, &mut kept).unwrap();
+    (out.iter().map(|&o| o.to_acc().to_f64()).collect(), kept)
+}
+
+const SELECTIONS: [Selection; 3] = [
+    Selection::PerTokenAndHead,
+    Selection::MaxOverHeads,
+    Selection::MaxOverTokens,
+];
+
+#[test]
+fn retrieval_matches_naive_every_level_selection_and_dtype() {
+    let shapes = [
+        dims(1, 1, 41, 4, 2, 8, 6, 4),   // decode, GQA, a tail of 1
+        dims(2, 6, 50, 3, 1, 8, 8, 6),   // queries crossing a block boundary, MQA
+        dims(1, 9, 27, 2, 2, 4, 5, 3),   // many small blocks, no tail
+        dims(1, 2, 5, 2, 1, 4, 4, 8),    // no complete block yet
+        dims(1, 3, 70, 2, 2, 33, 20, 2), // block 2, head dims past a vector
+    ];
+    for level in crate::simd::available() {
+        crate::simd::force(Some(level)).unwrap();
+        for (n, d) in shapes.iter().enumerate() {
+            let x = inputs(d, 31 + n as u64);
+            let scale = 0.8 / (d.head_dim as f64).sqrt();
+            for sel in SELECTIONS {
+                for top_k in [0, 1, 2, 5, 100] {
+                    let what = format!("{d:?} {sel:?} top_k {top_k} at {level:?}");
+                    let (want, kept) = naive_retrieval(d, scale, top_k, sel, &x);
+                    let (o, k) = run_retrieval::<f64>(d, scale, top_k, sel, &x);
+                    close(&o, &want, 1e-12, &format!("f64 {what}"));
+                    assert_eq!(k, kept, "f64 kept {what}");
+                    let (o, _) = run_retrieval::<f32>(d, scale, top_k, sel, &x);
+                    close(&o, &want, 2e-5, &format!("f32 {what}"));
+                    let xb = rounded::<bf16>(&x);
+                    let (wb, kb) = naive_retrieval(d, scale, top_k, sel, &xb);
+                    let (o, k) = run_retrieval::<bf16>(d, scale, top_k, sel, &xb);
+                    close(&o, &wb, 1e-2, &format!("bf16 {what}"));
+                    assert_eq!(k, kb, "bf16 kept {what}");
+                }
+            }
+        }
+    }
+    crate::simd::force(None).unwrap();
+}
+
+#[test]
+fn retrieval_keeping_every_block_is_the_training_form() {
+    for level in crate::simd::available() {
+        crate::simd::force(Some(level)).unwrap();
+        for (n, d) in cases().iter().enumerate() {
+            let x = inputs(d, 61 + n as u64);
+            let scale = 0.9 / (d.head_dim as f64).sqrt();
+            let (want, _) = naive(d, scale, &x);
+            for sel in SELECTIONS {
+                let top_k = d.kv_len / d.block + 1;
+                let (o, _) = run_retrieval::<f64>(d, scale, top_k, sel, &x);
+                close(&o, &want, 1e-12, &format!("{d:?} {sel:?} at {level:?}"));
+            }
+        }
+    }
+    crate::simd::force(None).unwrap();
+}
+
+#[test]
+fn retrieval_ties_go_to_the_earlier_block() {
+    // one head, block 4: blocks 0 and 2 share a landmark key, block 1's ranks lower
+    let d = dims(1, 1, 17, 1, 1, 4, 4, 4);
+    let mut x = inputs(&d, 5);
+    for c in 0..4 {
+        x.k[3 * 4 + c] = x.k[11 * 4 + c];
+        x.k[7 * 4 + c] = x.k[11 * 4 + c] - 3.0 * x.q[c];
+    }
+    for sel in SELECTIONS {
+        assert_eq!(
+            run_retrieval::<f64>(&d, 0.5, 1, sel, &x).1,
+            vec![0],
+            "{sel:?}"
+        );
+        assert_eq!(
+            run_retrieval::<f64>(&d, 0.5, 2, sel, &x).1,
+            vec![0, 2],
+            "{sel:?}"
+        );
+        assert_eq!(
+            run_retrieval::<f32>(&d, 0.5, 2, sel, &x).1,
+            vec![0, 2],
+            "{sel:?}"
+        );
+    }
+}
+
+#[test]
+fn retrieval_bad_arguments_are_errors() {
+    let d = dims(1, 2, 9, 2, 1, 4, 4, 4);
+    let x = inputs(&d, 3);
+    let (q, k, v) = (to::<f32>(&x.q), to::<f32>(&x.k), to::<f32>(&x.v));
+    let mut out = vec![0f32; 2 * 2 * 4];
+    let mut kept = vec![0i64; 2 * 2 * 3];
+    let sel = Selection::PerTokenAndHead;
+    assert!(retrieval(&d, 1.0, 3, sel, &q, &k, &v, &mut out, &mut kept).is_ok());
+    assert!(retrieval(&d, 1.0, 2, sel, &q, &k, &v, &mut out, &mut kept).is_err());
+    assert!(retrieval(&d, 1.0, 3, sel, &q, &k[1..], &v, &mut out, &mut kept).is_err());
+    let bad = LandmarkDims { block: 1, ..d };
+    assert!(retrieval(&bad, 1.0, 3, sel, &q, &k, &v, &mut out, &mut kept).is_err());
 }
