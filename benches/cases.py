@@ -87,6 +87,21 @@ def _grad_of(fn, inputs):
     return backward
 
 
+def _train_step(fn, inputs):
+    """A callable running ``fn(*inputs)`` and its backward for a fixed random upstream
+    gradient, forward and backward both timed: the attention's share of a training step."""
+    xs = [t.detach().requires_grad_(True) for t in inputs]
+    upstream = []
+
+    def step():
+        out = fn(*xs)
+        if not upstream:  # the warm-up call
+            upstream.append(torch.randn_like(out))
+        return torch.autograd.grad(out, xs, upstream[0])
+
+    return step
+
+
 def attention_cases(ts=(512, 2048, 8192), b=1, h=8, d=64, dtype=torch.float32) -> list[Case]:
     cases = []
     for t in ts:
@@ -511,7 +526,8 @@ _LANDMARK_EAGER_MAX_T = 4096
 def landmark_cases(ts=(2048, 8192), b=1, h=8, d=64, dtype=torch.float32) -> list[Case]:
     """Landmark attention's training form (block 64) vs the eager grouped softmax as the
     original writes it (``fastattn.reference``), fastattn's own causal attention and causal
-    SDPA on the same shape (the dense baselines it is measured against)."""
+    SDPA on the same shape (the dense baselines it is measured against): forward, and a
+    training step (forward and backward timed together, ``f+b``)."""
     from fastattn.reference import landmark_attention as eager
 
     cases = []
@@ -531,17 +547,19 @@ def landmark_cases(ts=(2048, 8192), b=1, h=8, d=64, dtype=torch.float32) -> list
         def sdpa(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        # the causal score and value products, as for causal dense attention
+        # the causal score and value products, as for causal dense attention; a training step
+        # (forward and backward timed together) counts 1 + 2.5 forwards
         flops = 2.0 * b * h * t * t * d
-        case = Case("landmark", f"B{b} H{h} T{t} D{d} block{LANDMARK_BLOCK}", flops, 2.5, series="landmark")
-        case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v: ours(q, k, v), _grad_of(ours, (q, k, v)))
+        case = Case("landmark", f"B{b} H{h} T{t} D{d} block{LANDMARK_BLOCK}", flops, 3.5, series="landmark",
+                    bwd_label="f+b")
+        case.impls["fastattn"] = Impl(lambda q=q, k=k, v=v: ours(q, k, v), _train_step(ours, (q, k, v)))
         if t <= _LANDMARK_EAGER_MAX_T:
-            case.impls["eager_grouped"] = Impl(lambda q=q, k=k, v=v: plain(q, k, v), _grad_of(plain, (q, k, v)))
+            case.impls["eager_grouped"] = Impl(lambda q=q, k=k, v=v: plain(q, k, v), _train_step(plain, (q, k, v)))
         else:
             case.impls["eager_grouped"] = Impl(
                 None, skip={x: f"memory: [B, H, T, T] scores above T={_LANDMARK_EAGER_MAX_T}" for x in ("fwd", "bwd")})
-        case.impls["fastattn_causal"] = Impl(lambda q=q, k=k, v=v: causal(q, k, v), _grad_of(causal, (q, k, v)))
-        case.impls["torch_sdpa_causal"] = Impl(lambda q=qh, k=kh, v=vh: sdpa(q, k, v), _grad_of(sdpa, (qh, kh, vh)))
+        case.impls["fastattn_causal"] = Impl(lambda q=q, k=k, v=v: causal(q, k, v), _train_step(causal, (q, k, v)))
+        case.impls["torch_sdpa_causal"] = Impl(lambda q=qh, k=kh, v=vh: sdpa(q, k, v), _train_step(sdpa, (qh, kh, vh)))
         cases.append(case)
     return cases + landmark_decode_cases(**({"cache": 4096} if min(ts) < 2048 else {}))
 
