@@ -16,6 +16,7 @@
 use crate::element::{Acc, Element};
 use crate::gemm::pack::{pack_cols, pack_transposed, rows_of, View};
 use crate::gemm::{gemm, gemm_to, panels, round_up_nr, GemmDims, NR};
+use crate::linear::rows::prefetch;
 use crate::linear::SharedMut;
 use crate::per_thread::PerThread;
 use crate::simd::math::VecMath;
@@ -198,7 +199,19 @@ pub(super) fn forward<E: Element>(
                         accumulate: false,
                     };
                     gemm(level, &sd, qa, &sc.kv.kt, &mut sc.s);
+                    // The next tile's query rows are one head's 4-line run every q_stride
+                    // values, a stride the hardware prefetcher does not follow: ask for
+                    // them a row at a time while this tile's softmax runs.
+                    let next = (i0 + bq..(i0 + 2 * bq).min(i_end)).map(|i| g.q_at(b, i, h));
+                    let mut next = next.fuse();
                     for r in 0..bq {
+                        if let Some(off) = next.next() {
+                            match q {
+                                Some(q) => prefetch(&q[off..off + hd]),
+                                // SAFETY: head h's cells of the chunk's rows belong to this task.
+                                None => prefetch(unsafe { io.row(off, hd) }),
+                            }
+                        }
                         let row = &mut sc.s[r * kpad..][..np];
                         let m = E::Acc::row_max(level, row);
                         // All -inf: shift by 0 so NaN scores still reach the sum.
@@ -368,6 +381,13 @@ pub(super) fn backward<E: Element>(
                     fit(delta, bq);
                     fit(row, hd);
                     for r in 0..bq {
+                        // the next tile's rows, as in the forward
+                        if i0 + bq + r < i_end {
+                            let i = i0 + bq + r;
+                            prefetch(&q[g.q_at(b, i, h)..][..hd]);
+                            prefetch(&out[g.out_at(b, i, h)..][..hd]);
+                            prefetch(&dout[g.out_at(b, i, h)..][..hd]);
+                        }
                         let at = (b * g.q_len + i0 + r) * g.heads + h;
                         lse2[r] = lse[at] * log2e;
                         E::to_acc_slice(&out[ov.base + r * ov.rs..][..hd], row);

@@ -13,7 +13,7 @@
 
 pub mod core;
 mod forward;
-mod rows;
+pub(crate) mod rows;
 
 use crate::buffer_pool::{take, PoolVec};
 use crate::element::{Acc, Element};

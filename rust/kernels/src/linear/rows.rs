@@ -17,7 +17,7 @@ const AHEAD: usize = 6;
 
 /// Asks for every cache line of `s` to be brought towards this core.
 #[inline]
-fn prefetch<T>(s: &[T]) {
+pub(crate) fn prefetch<T>(s: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
